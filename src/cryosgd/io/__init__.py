@@ -1,0 +1,1 @@
+"""File formats: RELION STAR and MRC/MRCS."""

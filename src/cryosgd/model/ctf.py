@@ -1,0 +1,74 @@
+"""Contrast transfer function in RELION's convention, batched over particles.
+
+With s = |k| (Å⁻¹), φ = atan2(ky, kx), λ the electron wavelength (Å):
+
+    Δf(φ) = −[(dU + dV)/2 + (dU − dV)/2 · cos 2(φ − φ_ast)]        (dU, dV > 0: underfocus)
+    χ(s)  = π λ Δf s² + (π/2) Cs λ³ s⁴ − phase_shift − atan(Q0 / √(1 − Q0²))
+    CTF   = −sin χ · scale · exp(−B s² / 4)
+
+so CTF(0) = +Q0 (positive density stays positive), as in ``relion_project --ctf``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryosgd.data.particles import ParticleTable
+
+
+def electron_wavelength_A(voltage_kV: Tensor) -> Tensor:
+    """Relativistic electron wavelength (Å) at an acceleration voltage in kV."""
+    volts = voltage_kV * 1e3
+    return 12.2643247 / torch.sqrt(volts * (1 + 0.978466e-6 * volts))
+
+
+@dataclass
+class CTFParams:
+    """Per-particle CTF parameters, each a ``(B,)`` tensor."""
+
+    defocus_u_A: Tensor
+    defocus_v_A: Tensor
+    defocus_angle_deg: Tensor
+    voltage_kV: Tensor
+    cs_mm: Tensor
+    amplitude_contrast: Tensor
+    phase_shift_deg: Tensor
+    bfactor_A2: Tensor
+    scale: Tensor
+
+    @classmethod
+    def from_table(cls, table: ParticleTable, index: np.ndarray | None = None,
+                   dtype: torch.dtype = torch.float64, device=None) -> CTFParams:
+        """The CTF parameters of ``table`` (optics joined per particle), optionally a subset."""
+        columns = {
+            "defocus_u_A": table.defocus_u_A, "defocus_v_A": table.defocus_v_A,
+            "defocus_angle_deg": table.defocus_angle_deg, "voltage_kV": table.per_particle("voltage_kV"),
+            "cs_mm": table.per_particle("cs_mm"), "amplitude_contrast": table.per_particle("amplitude_contrast"),
+            "phase_shift_deg": table.phase_shift_deg, "bfactor_A2": table.bfactor_A2, "scale": table.ctf_scale,
+        }
+        pick = slice(None) if index is None else index
+        return cls(**{k: torch.as_tensor(np.asarray(v)[pick], dtype=dtype, device=device)
+                      for k, v in columns.items()})
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> CTFParams:
+        return CTFParams(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
+
+    def __call__(self, freq_invA: Tensor) -> Tensor:
+        """Evaluate at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹ → ``(B, P)`` real CTF values."""
+        col = lambda t: t[:, None]  # noqa: E731  (B,) → (B, 1) against (P,)
+        kx, ky = freq_invA[:, 0], freq_invA[:, 1]
+        s2 = kx**2 + ky**2
+        azimuth = torch.atan2(ky, kx)
+        lam = col(electron_wavelength_A(self.voltage_kV))
+        mean = (col(self.defocus_u_A) + col(self.defocus_v_A)) / 2
+        half_diff = (col(self.defocus_u_A) - col(self.defocus_v_A)) / 2
+        defocus = -(mean + half_diff * torch.cos(2 * (azimuth - col(torch.deg2rad(self.defocus_angle_deg)))))
+        q0 = col(self.amplitude_contrast)
+        chi = (math.pi * lam * defocus * s2 + (math.pi / 2) * col(self.cs_mm) * 1e7 * lam**3 * s2**2
+               - col(torch.deg2rad(self.phase_shift_deg)) - torch.atan(q0 / torch.sqrt(1 - q0**2)))
+        return -torch.sin(chi) * col(self.scale) * torch.exp(-col(self.bfactor_A2) * s2 / 4)
