@@ -1,0 +1,48 @@
+import math
+
+import numpy as np
+import torch
+
+from cryosgd.model.ctf import CTFParams, electron_wavelength_A
+
+
+def _params(**overrides):
+    values = dict(defocus_u_A=15000.0, defocus_v_A=12000.0, defocus_angle_deg=35.0, voltage_kV=300.0,
+                  cs_mm=2.7, amplitude_contrast=0.07, phase_shift_deg=20.0, bfactor_A2=40.0, scale=0.9)
+    values.update(overrides)
+    return CTFParams(**{k: torch.tensor([v], dtype=torch.float64) for k, v in values.items()})
+
+
+def _freqs():
+    rng = np.random.default_rng(0)
+    return torch.tensor(rng.uniform(-0.3, 0.3, (200, 2)))
+
+
+def test_wavelength_at_300kV():
+    assert abs(float(electron_wavelength_A(torch.tensor(300.0))) - 0.019687) < 1e-5
+
+
+def test_ctf_matches_amplitude_contrast_cosine_sine_form():
+    """Independent form (pyem / the paper): ac·cos γ − √(1−ac²)·sin γ with γ without the ac term."""
+    p, k = _params(), _freqs()
+    s2 = (k**2).sum(1).numpy()
+    az = np.arctan2(k[:, 1].numpy(), k[:, 0].numpy())
+    lam = 12.2643247 / math.sqrt(300e3 * (1 + 0.978466e-6 * 300e3))
+    dz = -(13500 + 1500 * np.cos(2 * (az - np.radians(35.0))))
+    gamma = math.pi * lam * dz * s2 + math.pi / 2 * 2.7e7 * lam**3 * s2**2 - np.radians(20.0)
+    expected = (0.07 * np.cos(gamma) - math.sqrt(1 - 0.07**2) * np.sin(gamma)) * 0.9 * np.exp(-40 * s2 / 4)
+    np.testing.assert_allclose(p(k)[0].numpy(), expected, atol=1e-12)
+
+
+def test_ctf_at_zero_frequency_is_amplitude_contrast():
+    p = _params(phase_shift_deg=0.0, scale=1.0)
+    assert abs(float(p(torch.zeros(1, 2, dtype=torch.float64))[0, 0]) - 0.07) < 1e-12
+
+
+def test_defocus_u_acts_along_the_astigmatism_angle():
+    angle = math.radians(35.0)
+    along = torch.tensor([[math.cos(angle), math.sin(angle)]], dtype=torch.float64) * 0.1
+    across = torch.tensor([[-math.sin(angle), math.cos(angle)]], dtype=torch.float64) * 0.1
+    stig = _params()
+    torch.testing.assert_close(stig(along), _params(defocus_v_A=15000.0)(along))
+    torch.testing.assert_close(stig(across), _params(defocus_u_A=12000.0)(across))
