@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def relion():
     """Skip unless RELION 3.1's relion_project and relion_reconstruct are on PATH."""
     if not (shutil.which("relion_project") and shutil.which("relion_reconstruct")):
+        if os.environ.get("CRYOSGD_REQUIRE_RELION"):
+            pytest.fail("CRYOSGD_REQUIRE_RELION is set but RELION is not on PATH")
         pytest.skip("RELION not installed")
 
 

@@ -94,18 +94,29 @@ def demo(
     seed: int = typer.Option(0),
 ):
     """Simulate a small dataset from ubiquitin (PDB 1UBQ, shipped) and project its ground truth."""
+    import numpy as np
+
+    from cryosgd.data.particles import read_particles
+    from cryosgd.data.stack import ImageStack
     from cryosgd.model.project import project as run_project
     from cryosgd.model.simulate import SimulationSettings, simulate as run_simulate
+    from cryosgd.report import save_montage
 
     start = time.perf_counter()
     model = resources.files("cryosgd") / "data" / "1ubq.pdb"
     with resources.as_file(model) as pdb:
-        star = run_simulate(pdb, output, SimulationSettings(n_particles=n_particles, snr=0.1, seed=seed),
-                            box_px=64, pixel_A=1.0)
+        settings = SimulationSettings(n_particles=n_particles, snr=0.1, defocus_min_A=5000.0,
+                                      defocus_max_A=15000.0, seed=seed)
+        star = run_simulate(pdb, output, settings, box_px=64, pixel_A=1.5)
     typer.echo(f"simulated {n_particles} particles of 1UBQ at SNR 0.1: {star}")
-    clean = run_project(output / "ground_truth.mrc", star, output / "clean.mrcs")
-    typer.echo(f"noise-free projections of the ground truth: {clean}")
-    typer.echo(f"done in {time.perf_counter() - start:.1f} s")
+    clean_star = run_project(output / "ground_truth.mrc", star, output / "clean.mrcs")
+    noisy = ImageStack(read_particles(star)).read(np.arange(6))
+    clean = ImageStack(read_particles(clean_star)).read(np.arange(6))
+    measured = np.corrcoef(noisy.ravel(), clean.ravel())[0, 1] ** 2
+    typer.echo(f"noise-free projections of the ground truth: {clean_star}")
+    typer.echo(f"measured SNR of the first images: {measured / (1 - measured):.3f} (target 0.1)")
+    picture = save_montage(output / "particles.png", {"simulated particles": noisy, "noise-free": clean})
+    typer.echo(f"picture: {picture}; done in {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:  # pragma: no cover

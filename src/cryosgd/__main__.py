@@ -1,0 +1,3 @@
+from cryosgd.cli import app
+
+app(prog_name="cryosgd")
