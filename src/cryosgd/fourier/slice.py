@@ -79,9 +79,10 @@ def _extract(volume_ri: Tensor, rotations: Tensor, freq_px: Tensor, interp: Inte
 
 
 def _insert(values_ri: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
-            interp: Interp) -> Tensor:
+            interp: Interp, weight_power: int) -> Tensor:
     """Kernel on real views: ``(B, P, 2)`` values → ``(n, n, nh, 2)`` map."""
     index, weight, sign = stencil(slice_points(rotations, freq_px), shape, interp)
+    weight = weight**weight_power
     v = torch.stack([values_ri[..., 0], values_ri[..., 1] * sign], -1)
     contributions = (weight[..., None] * v[..., None, :]).reshape(-1, 2)
     out = v.new_zeros(shape[0] * shape[1] * shape[2], 2)
@@ -121,6 +122,11 @@ def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Inter
 
 
 def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
-           interp: Interp = "trilinear") -> Tensor:
-    """Exact adjoint of :func:`extract`: back-project ``(B, P)`` values into a ``shape`` half-grid."""
-    return torch.view_as_complex(_insert_fast(torch.view_as_real(values), rotations, freq_px, tuple(shape), interp))
+           interp: Interp = "trilinear", weight_power: int = 1) -> Tensor:
+    """Exact adjoint of :func:`extract`: back-project ``(B, P)`` values into a ``shape`` half-grid.
+
+    ``weight_power=2`` scatters with squared interpolation weights instead: applied to real
+    values ``c²`` it gives the diagonal of ``Σ Pᵀ diag(c²) P``, the exact Hessian diagonal.
+    """
+    values_ri = torch.view_as_real(values)
+    return torch.view_as_complex(_insert_fast(values_ri, rotations, freq_px, tuple(shape), interp, weight_power))

@@ -1,0 +1,1 @@
+"""Objective: weighted least squares in Fourier space, its gradient, H·z and diag(H)."""

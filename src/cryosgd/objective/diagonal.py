@@ -1,0 +1,45 @@
+"""The diagonal of the Hessian: exactly (one scatter) and by Hutchinson's estimator.
+
+Exact: diag(H_B)_v = (1/|B|) Σ_i Σ_k m(k) w(k) c_i(k)² P_i(k, v)² + λ m₃(v), where P_i(k, v)
+are the interpolation weights: one scatter of squared weights times CTF². For nearest
+neighbour H is diagonal and this is all of H. The entry is the same for the real and the
+imaginary part of a voxel, so diagonals are real tensors of the map's shape.
+
+Hutchinson: E[z ⊙ H z] = diag(H) for Rademacher z. Here z has independent ±1 real and
+imaginary parts, and the two products Re z·Re(Hz), Im z·Im(Hz) are averaged: two probes
+of the real Hessian for the price of one H·z.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cryosgd.data.batch import Batch
+from cryosgd.fourier.slice import insert
+from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
+
+
+def exact_diagonal(objective: LeastSquares, batch: Batch, dtype=torch.float32) -> Tensor:
+    """diag(H_B) for the batch (mean over its images, ridge included)."""
+    model = objective.model
+    like = batch.rotations.new_zeros((), dtype=dtype)
+    ctf2 = model.modulation(batch, dtype).abs().square()  # |CTF · phase|² = CTF²
+    values = objective.pixel_weight(like) * ctf2
+    freq = model.pad * model.grid.freq_px.to(device=like.device, dtype=dtype)
+    scattered = insert(torch.complex(values, torch.zeros_like(values)), batch.rotations.to(dtype), freq,
+                       model.volume_shape, model.interp, weight_power=2).real
+    return scattered / len(batch) + objective.l2 * voxel_multiplicity(model.volume_shape, like.device, dtype)
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype=torch.complex64, device=None) -> Tensor:
+    """A complex probe whose real and imaginary parts are independent ±1."""
+    real_dtype = torch.empty((), dtype=dtype).real.dtype
+    signs = torch.randint(0, 2, (*shape, 2), generator=generator, device=device).to(real_dtype) * 2 - 1
+    return torch.view_as_complex(signs)
+
+
+def hutchinson_probe(objective: LeastSquares, batch: Batch, z: Tensor) -> Tensor:
+    """One unbiased estimate of diag(H_B) from one H·z (real, the map's shape)."""
+    hz = objective.hvp(z, batch)
+    return 0.5 * (z.real * hz.real + z.imag * hz.imag)

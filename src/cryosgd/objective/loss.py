@@ -1,0 +1,75 @@
+"""The weighted least-squares objective of a batch and its derivatives.
+
+For a batch B of images, on the rfft half-grid map ``x`` and the half-disc pixels k:
+
+    f_B(x) = (1/|B|) Σ_i ½ Σ_k m(k) w(k) |(S_i x)(k) − y_i(k)|²  +  ½ λ Σ_v m₃(v) |x_v|²
+
+``m(k)`` (1 at kx = 0, else 2) and ``m₃(v)`` (likewise for voxels) make both sums equal to
+sums over the full Fourier plane and cube, so f is the paper's loss (PAPER.md §2.2) for a
+real map; ``w = 1/σ²(k)`` weights the noise (σ = 1 reproduces the paper). The loss is
+quadratic for fixed poses, so the Hessian H does not depend on x and
+H·z = ∇f_B(z) − ∇f_B(0) is the gradient of the data-free loss at z.
+Gradients are for the real inner product, i.e. ∂f/∂Re x + i ∂f/∂Im x (torch's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cryosgd.data.batch import Batch
+from cryosgd.model.forward import ForwardModel
+
+
+def voxel_multiplicity(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
+    """``m₃``: how many voxels of the full cube each half-grid voxel stands for (1 at kx = 0)."""
+    m = torch.full(shape, 2.0, device=device, dtype=dtype)
+    m[..., 0] = 1.0
+    return m
+
+
+@dataclass
+class LeastSquares:
+    """f_B, ∇f_B and H_B·z for a :class:`ForwardModel`.
+
+    Attributes:
+        model: the forward model (grid, interpolation, CTF on/off).
+        l2: the ridge weight λ (1e-8 in the paper).
+        noise_weight: ``(P,)`` w(k) = 1/σ²(k) on the disc, or None for white unit noise.
+    """
+
+    model: ForwardModel
+    l2: float = 1e-8
+    noise_weight: Tensor | None = None
+
+    def pixel_weight(self, like: Tensor) -> Tensor:
+        weight = self.model.grid.multiplicity.to(device=like.device, dtype=like.real.dtype)
+        if self.noise_weight is not None:
+            weight = weight * self.noise_weight.to(weight)
+        return weight
+
+    def _ridge(self, x: Tensor) -> Tensor:
+        return self.l2 * voxel_multiplicity(x.shape, x.device, x.real.dtype)
+
+    def residual(self, x: Tensor, batch: Batch) -> Tensor:
+        """``(B, P)`` predicted minus observed disc values."""
+        return self.model.forward(x, batch) - batch.images_ft
+
+    def loss(self, x: Tensor, batch: Batch, residual: Tensor | None = None) -> Tensor:
+        r = self.residual(x, batch) if residual is None else residual
+        data = 0.5 * (self.pixel_weight(r) * r.real.square() + self.pixel_weight(r) * r.imag.square()).sum()
+        ridge = 0.5 * (self._ridge(x) * (x.real.square() + x.imag.square())).sum()
+        return data / len(batch) + ridge
+
+    def loss_and_gradient(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """f_B(x) and ∇f_B(x) through the explicit adjoint (one forward, one back-projection)."""
+        r = self.residual(x, batch)
+        gradient = self.model.adjoint(self.pixel_weight(r) * r, batch) / len(batch) + self._ridge(x) * x
+        return self.loss(x, batch, r), gradient
+
+    def hvp(self, z: Tensor, batch: Batch) -> Tensor:
+        """H_B · z: the gradient of the data-free loss at z."""
+        predicted = self.model.forward(z, batch)
+        return self.model.adjoint(self.pixel_weight(predicted) * predicted, batch) / len(batch) + self._ridge(z) * z

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from cryosgd.conventions import euler_to_matrix
+from cryosgd.data.batch import Batch
+from cryosgd.fourier.grids import FourierGrid
+from cryosgd.model.ctf import CTFParams
+from cryosgd.model.forward import ForwardModel
+from cryosgd.objective.diagonal import exact_diagonal, hutchinson_probe, rademacher
+from cryosgd.objective.loss import LeastSquares
+
+
+def _problem(interp, n_images=40, box=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = FourierGrid.create(box, 2.0)
+    angles = torch.rand(n_images, 3, generator=g, dtype=torch.float64) * torch.tensor([360.0, 180.0, 360.0])
+    ones = torch.ones(n_images, dtype=torch.float64)
+    defocus = 5000 + 20000 * torch.rand(n_images, generator=g, dtype=torch.float64)
+    ctf = CTFParams(defocus, defocus - 500, ones * 20, ones * 300, ones * 2.7, ones * 0.1, ones * 0, ones * 0, ones)
+    images = torch.randn(n_images, len(grid.freq_px), generator=g, dtype=torch.complex128)
+    batch = Batch(np.arange(n_images), euler_to_matrix(angles), torch.randn(n_images, 2, generator=g,
+                  dtype=torch.float64), ctf, images)
+    objective = LeastSquares(ForwardModel(grid, interp), l2=1e-3)
+    x = torch.randn(grid.volume_shape, generator=g, dtype=torch.complex128)
+    return objective, batch, x, g
+
+
+@pytest.mark.parametrize("interp", ["trilinear", "nearest"])
+def test_gradient_equals_autograd_of_loss(interp):
+    objective, batch, x, _ = _problem(interp)
+    x_ = x.clone().requires_grad_()
+    objective.loss(x_, batch).backward()
+    loss, gradient = objective.loss_and_gradient(x, batch)
+    torch.testing.assert_close(gradient, x_.grad)
+
+
+def test_loss_matches_full_plane_sum_of_squares():
+    objective, batch, x, _ = _problem("trilinear")
+    r = objective.residual(x, batch)
+    kx = objective.model.grid.freq_px[:, 0]
+    full = (r.abs() ** 2).sum(1) + (r[:, kx > 0].abs() ** 2).sum(1)
+    ridge = (x.abs() ** 2).sum() + (x[..., 1:].abs() ** 2).sum()
+    expected = 0.5 * full.mean() + 0.5 * 1e-3 * ridge
+    torch.testing.assert_close(objective.loss(x, batch), expected)
+
+
+def test_hvp_is_finite_difference_of_gradient():
+    objective, batch, x, g = _problem("trilinear")
+    z = torch.randn(x.shape, generator=g, dtype=torch.complex128)
+    _, g1 = objective.loss_and_gradient(x + 1e-3 * z, batch)
+    _, g0 = objective.loss_and_gradient(x, batch)
+    torch.testing.assert_close(objective.hvp(z, batch), (g1 - g0) / 1e-3)
+
+
+def test_nearest_neighbour_hessian_is_its_exact_diagonal():
+    objective, batch, x, g = _problem("nearest")
+    diag = exact_diagonal(objective, batch, dtype=torch.float64)
+    z = torch.randn(x.shape, generator=g, dtype=torch.complex128)
+    torch.testing.assert_close(objective.hvp(z, batch), diag * z)
+
+
+def test_trilinear_exact_diagonal_matches_unit_vector_hvps():
+    objective, batch, x, _ = _problem("trilinear", n_images=10, box=12)
+    diag = exact_diagonal(objective, batch, dtype=torch.float64)
+    for index in [(0, 0, 0), (1, 2, 3), (11, 4, 2), (5, 9, 6)]:
+        e = torch.zeros(x.shape, dtype=torch.complex128)
+        e[index] = 1.0
+        assert float(objective.hvp(e, batch)[index].real) == pytest.approx(float(diag[index]), rel=1e-10)
+
+
+def test_hutchinson_error_falls_like_one_over_sqrt_probes():
+    objective, batch, x, g = _problem("trilinear", n_images=20, box=12)
+    exact = exact_diagonal(objective, batch, dtype=torch.float64)
+    total, errors = torch.zeros_like(exact), {}
+    for k in range(1, 257):
+        total += hutchinson_probe(objective, batch, rademacher(x.shape, g, torch.complex128))
+        if k in (16, 256):
+            errors[k] = float((total / k - exact).norm() / exact.norm())
+    assert errors[256] < errors[16]
+    assert errors[16] / errors[256] == pytest.approx(4.0, rel=0.3)  # √(256/16)
