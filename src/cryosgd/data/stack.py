@@ -8,6 +8,7 @@ than RAM is read one batch at a time.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,12 @@ class ImageStack:
 
     def __len__(self) -> int:
         return len(self.slot)
+
+    def subset(self, index: np.ndarray) -> ImageStack:
+        """The images of particles ``index``, in that order (for ``ParticleTable.subset``)."""
+        view = copy.copy(self)
+        view.stack_id, view.slot = self.stack_id[index], self.slot[index]
+        return view
 
     def read(self, index: np.ndarray) -> np.ndarray:
         """Images of particles ``index`` → ``(B, box, box)`` float32, [y, x]."""

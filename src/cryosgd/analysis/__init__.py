@@ -1,0 +1,1 @@
+"""Analysis: Fourier shell correlation, (later) conditioning."""

@@ -1,0 +1,1 @@
+"""Reconstruction drivers: known poses, gold-standard half-sets, checkpoints."""

@@ -1,0 +1,131 @@
+"""Known-pose reconstruction of one half-set by (preconditioned) SGD or CG.
+
+The map is the rfft half-grid of the working box, starting from zero. An epoch visits every
+particle of the half-set once in a random order drawn from (seed, half, epoch), so a run
+resumed from an epoch checkpoint repeats exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryosgd.data.batch import Batch, batch_indices, make_batch
+from cryosgd.data.particles import ParticleTable
+from cryosgd.data.stack import ImageStack
+from cryosgd.errors import InputError
+from cryosgd.fourier.grids import FourierGrid
+from cryosgd.model.forward import ForwardModel
+from cryosgd.objective.diagonal import exact_diagonal
+from cryosgd.objective.loss import LeastSquares
+from cryosgd.optim.cg import ConjugateGradient
+from cryosgd.optim.precondition import shell_threshold
+from cryosgd.optim.sgd import algorithm1, exact_diagonal_sgd, plain_sgd
+
+METHODS = ("algorithm1", "sgd", "exact-diag", "cg")
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """What ``cryosgd reconstruct`` is asked to do (checkpoints record it)."""
+
+    method: str = "algorithm1"
+    epochs: int = 10
+    batch_size: int = 256
+    interp: str = "trilinear"
+    work_box_px: int | None = None
+    l2: float = 1e-8
+    d0: str = "exact"  # Algorithm 1's start: "one" (the paper) or "exact" (one scatter pass)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(None, f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if self.d0 not in ("one", "exact"):
+            raise InputError(None, f"--d0 {self.d0}: expected one or exact")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError(None, "--epochs and --batch-size must be positive")
+
+
+class HalfSet:
+    """The particles of one half-set, their images and the objective on the working grid."""
+
+    def __init__(self, table: ParticleTable, stack: ImageStack, grid: FourierGrid,
+                 settings: ReconstructionSettings, half: int, device=None, dtype=torch.float32):
+        self.table, self.stack, self.grid, self.half = table, stack, grid, half
+        self.settings, self.device, self.dtype = settings, device, dtype
+        model = ForwardModel(grid, settings.interp, use_ctf=table.has_ctf)
+        self.objective = LeastSquares(model, l2=settings.l2)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def batches(self, epoch: int | None) -> Iterator[Batch]:
+        """Batches in the order of ``epoch`` (shuffled), or in file order when ``epoch`` is None."""
+        rng = None if epoch is None else np.random.default_rng([self.settings.seed, self.half, epoch])
+        for index in batch_indices(len(self.table), self.settings.batch_size, rng):
+            yield make_batch(self.table, index, self.grid, self.stack, self.dtype, self.device)
+
+    def full_mean(self, fn: Callable[[Batch], Tensor]) -> Tensor:
+        """Mean over all particles of a per-batch mean ``fn(batch)``."""
+        total = None
+        for batch in self.batches(None):
+            value = fn(batch) * len(batch)
+            total = value if total is None else total + value
+        return total / len(self)
+
+    def zeros(self) -> Tensor:
+        complex_dtype = torch.promote_types(self.dtype, torch.complex64)
+        return torch.zeros(self.grid.volume_shape, dtype=complex_dtype, device=self.device)
+
+
+def make_optimizer(half: HalfSet):
+    """The optimiser of ``half.settings.method`` (CG excepted) and, if needed, its diagonal."""
+    s = half.settings
+    if s.method == "sgd":
+        return plain_sgd()
+    diagonal = None
+    if s.method == "exact-diag" or s.d0 == "exact":
+        diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
+    if s.method == "exact-diag":
+        return exact_diagonal_sgd(diagonal)
+    return algorithm1(alpha=shell_threshold(half.grid.work_box_px), d0=1.0 if diagonal is None else diagonal)
+
+
+def init_half(half: HalfSet) -> dict:
+    """Epoch-0 state of one half: the map and its optimiser's state."""
+    x = half.zeros()
+    if half.settings.method == "cg":
+        gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b)[1])
+        return {"x": x, "opt": ConjugateGradient().init(x, gradient)}
+    optimizer = make_optimizer(half)
+    return {"x": x, "opt": optimizer.init(x), "optimizer": optimizer}
+
+
+def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], None] = lambda: None) -> dict:
+    """One epoch (one CG iteration for ``cg``); returns the new state with its metrics."""
+    start = time.perf_counter()
+    x, opt = state["x"], state["opt"]
+    if half.settings.method == "cg":
+        x, opt, info = ConjugateGradient().update(x, opt, lambda p: half.full_mean(lambda b: half.objective.hvp(p, b)))
+        on_batch()
+        steps = [info["step_size"]]
+    else:
+        optimizer = state["optimizer"]
+        opt = optimizer.start_epoch(opt)
+        generator = torch.Generator(device=x.device).manual_seed(
+            int(np.random.default_rng([half.settings.seed, half.half, epoch, 1]).integers(2**62)))
+        steps = []
+        for batch in half.batches(epoch):
+            x, opt, info = optimizer.update(x, opt, half.objective, batch, generator)
+            steps.append(info["step_size"])
+            on_batch()
+    loss = float(half.full_mean(lambda b: half.objective.loss(x, b)))
+    metrics = {"epoch": epoch, "half": half.half, "loss": loss, "step_size": float(np.median(steps)),
+               "seconds": time.perf_counter() - start}
+    return {**state, "x": x, "opt": opt, "metrics": metrics}
