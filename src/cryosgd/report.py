@@ -1,4 +1,7 @@
-"""Pictures for people: image montages (matplotlib, Agg backend), written atomically."""
+"""What people look at: image montages, FSC and loss plots (matplotlib, Agg), text files.
+
+Everything is written atomically.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,42 @@ def save_montage(path: str | Path, rows: dict[str, np.ndarray]) -> Path:
             if c < len(rows[label]):
                 ax.imshow(rows[label][c], cmap="gray", origin="lower")
         axes[r, 0].set_title(label, loc="left", fontsize=9)
+    return _save(fig, path)
+
+
+def save_fsc_plot(path: str | Path, shells: np.ndarray, fsc: np.ndarray, resolution_A: np.ndarray,
+                  title: str) -> Path:
+    """FSC against spatial frequency (1/Å), with the 0.5 and 0.143 thresholds."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    freq = np.where(shells > 0, 1 / resolution_A, 0.0)
+    ax.plot(freq, fsc, "-o", markersize=3)
+    for threshold in (0.5, 0.143):
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="spatial frequency (1/Å)", ylabel="FSC", ylim=(-0.1, 1.05), title=title)
+    return _save(fig, path)
+
+
+def save_loss_plot(path: str | Path, metrics: list[dict]) -> Path:
+    """Full-data loss of each half-set per epoch (log scale)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for half in sorted({m["half"] for m in metrics}):
+        rows = [m for m in metrics if m["half"] == half]
+        ax.semilogy([m["epoch"] for m in rows], [m["loss"] for m in rows], "-o", label=f"half {half}")
+    ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    return Path(path)
+
+
+def write_lines(path: str | Path, lines: list[str]) -> Path:
+    """Write text lines atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in lines))
     return Path(path)

@@ -5,7 +5,7 @@ Poses are plain fields so that later pose search can replace them between steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ class Batch:
         shift_A: ``(B, 2)`` origins (rlnOriginXAngst, rlnOriginYAngst).
         ctf: CTF parameters, or None for CTF-free data.
         images_ft: ``(B, P)`` complex disc values of the images' rfft2 (grid order), or None.
+        cache: values derived from the fields (e.g. the CTF · phase factor), computed once.
     """
 
     index: np.ndarray
@@ -35,6 +36,7 @@ class Batch:
     shift_A: Tensor
     ctf: CTFParams | None
     images_ft: Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.index)

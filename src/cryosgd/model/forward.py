@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from cryosgd.conventions import shift_phase
@@ -39,12 +40,18 @@ class ForwardModel:
         return (m, m, m // 2 + 1)
 
     def modulation(self, batch: Batch, dtype) -> Tensor:
-        """``(B, P)`` complex factor CTF · phase applied after slicing."""
-        freq_invA = self.grid.freq_invA().to(device=batch.shift_A.device, dtype=dtype)
-        factor = shift_phase(freq_invA, batch.shift_A.to(dtype))
-        if self.use_ctf and batch.ctf is not None:
-            factor = factor * batch.ctf.to(dtype=dtype)(freq_invA)
-        return factor
+        """``(B, P)`` complex factor CTF · phase applied after slicing (cached on the batch).
+
+        Evaluated in float64 (phases and CTF arguments reach hundreds of radians), then cast.
+        """
+        key = ("modulation", self.grid, self.use_ctf, dtype)
+        if key not in batch.cache:
+            freq_invA = self.grid.freq_invA().to(device=batch.shift_A.device)
+            factor = shift_phase(freq_invA, batch.shift_A.to(torch.float64))
+            if self.use_ctf and batch.ctf is not None:
+                factor = factor * batch.ctf.to(dtype=torch.float64)(freq_invA)
+            batch.cache[key] = factor.to(torch.promote_types(dtype, torch.complex64))
+        return batch.cache[key]
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)

@@ -84,27 +84,30 @@ class HalfSet:
         return torch.zeros(self.grid.volume_shape, dtype=complex_dtype, device=self.device)
 
 
-def make_optimizer(half: HalfSet):
-    """The optimiser of ``half.settings.method`` (CG excepted) and, if needed, its diagonal."""
+def make_optimizer(half: HalfSet, diagonal: Tensor | None):
+    """The optimiser of ``half.settings.method`` (CG excepted); ``diagonal`` from :func:`init_half`."""
     s = half.settings
     if s.method == "sgd":
         return plain_sgd()
-    diagonal = None
-    if s.method == "exact-diag" or s.d0 == "exact":
-        diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
     if s.method == "exact-diag":
         return exact_diagonal_sgd(diagonal)
     return algorithm1(alpha=shell_threshold(half.grid.work_box_px), d0=1.0 if diagonal is None else diagonal)
 
 
 def init_half(half: HalfSet) -> dict:
-    """Epoch-0 state of one half: the map and its optimiser's state."""
+    """Epoch-0 state of one half: the map, its optimiser's state and the exact diagonal if used.
+
+    The state holds tensors and numbers only, so it is what checkpoints store.
+    """
     x = half.zeros()
-    if half.settings.method == "cg":
+    s = half.settings
+    if s.method == "cg":
         gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b)[1])
-        return {"x": x, "opt": ConjugateGradient().init(x, gradient)}
-    optimizer = make_optimizer(half)
-    return {"x": x, "opt": optimizer.init(x), "optimizer": optimizer}
+        return {"x": x, "opt": ConjugateGradient().init(x, gradient), "diagonal": None}
+    diagonal = None
+    if s.method == "exact-diag" or (s.method == "algorithm1" and s.d0 == "exact"):
+        diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
+    return {"x": x, "opt": make_optimizer(half, diagonal).init(x), "diagonal": diagonal}
 
 
 def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], None] = lambda: None) -> dict:
@@ -116,7 +119,7 @@ def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], Non
         on_batch()
         steps = [info["step_size"]]
     else:
-        optimizer = state["optimizer"]
+        optimizer = make_optimizer(half, state["diagonal"])
         opt = optimizer.start_epoch(opt)
         generator = torch.Generator(device=x.device).manual_seed(
             int(np.random.default_rng([half.settings.seed, half.half, epoch, 1]).integers(2**62)))

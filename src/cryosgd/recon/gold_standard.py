@@ -1,0 +1,142 @@
+"""``cryosgd reconstruct``: two independent half-set reconstructions and their outputs.
+
+Half-sets come from ``rlnRandomSubset`` when present, else from a seeded random split.
+After every epoch both halves are checkpointed (``checkpoint.pt``) and ``metrics.jsonl`` is
+rewritten; ``resume=True`` continues from the checkpoint and ends at the same maps as an
+uninterrupted run. At the end: ``half1.mrc``, ``half2.mrc``, ``map.mrc`` (their mean) at the
+working box and pixel size, ``fsc.csv``, ``fsc.png`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosgd.analysis.fsc import FSCCurve, fsc_of_ft
+from cryosgd.checkpoint import load_checkpoint, save_checkpoint
+from cryosgd.conventions import ft_to_map
+from cryosgd.data.particles import ParticleTable, read_particles
+from cryosgd.data.stack import ImageStack
+from cryosgd.errors import InputError
+from cryosgd.fourier.grids import FourierGrid
+from cryosgd.io.mrc import write_map
+from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch
+from cryosgd.report import save_fsc_plot, save_loss_plot, write_lines
+
+
+@dataclass(frozen=True)
+class ReconstructionResult:
+    out_dir: Path
+    fsc: FSCCurve
+    metrics: list[dict]
+
+    @property
+    def resolution_A(self) -> float:
+        return self.fsc.resolution_at(0.143)
+
+
+def split_halves(table: ParticleTable, seed: int) -> list[np.ndarray]:
+    """Particle indices of half-sets 1 and 2 (rlnRandomSubset, or a seeded random split)."""
+    if table.random_subset is not None:
+        halves = [np.nonzero(table.random_subset == h)[0] for h in (1, 2)]
+    else:
+        order = np.random.default_rng(seed).permutation(len(table))
+        halves = [np.sort(order[0::2]), np.sort(order[1::2])]
+    for h, index in enumerate(halves, start=1):
+        if len(index) == 0:
+            raise InputError(table.source, f"rlnRandomSubset: half-set {h} is empty")
+    return halves
+
+
+def map_of(x: torch.Tensor, grid: FourierGrid) -> np.ndarray:
+    """Real-space map at the working box, in the density units of the full-box map."""
+    n = grid.work_box_px
+    return (ft_to_map(x.to(torch.complex128), n) * (n / grid.box_px) ** 3).cpu().numpy().astype(np.float32)
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("reconstructing", total=total)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionSettings = ReconstructionSettings(),
+                *, resume: bool = False, device: str | None = None, pixel_A: float | None = None,
+                dtype: torch.dtype = torch.float32) -> ReconstructionResult:
+    """Gold-standard known-pose reconstruction of the particles of ``star`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    table = read_particles(star, pixel_A=pixel_A)
+    table.require_poses()
+    stack = ImageStack(table)
+    grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px)
+    halves = [HalfSet(table.subset(index), stack.subset(index), grid, settings, h, device, dtype)
+              for h, index in enumerate(split_halves(table, settings.seed), start=1)]
+    states, metrics, first = _start(out_dir / "checkpoint.pt", halves, settings, len(table), resume, device)
+    batches = sum(-(-len(h) // settings.batch_size) if settings.method != "cg" else 1 for h in halves)
+    progress = _Progress(batches * (settings.epochs - first + 1))
+    try:
+        for epoch in range(first, settings.epochs + 1):
+            states = [run_epoch(h, s, epoch, progress.advance) for h, s in zip(halves, states)]
+            metrics += [s.pop("metrics") for s in states]
+            save_checkpoint(out_dir / "checkpoint.pt", {"settings": dataclasses.asdict(settings), "epoch": epoch,
+                                                        "n_particles": len(table), "halves": states,
+                                                        "metrics": metrics})
+            write_lines(out_dir / "metrics.jsonl", [json.dumps(m) for m in metrics])
+            row = metrics[-2:]
+            progress.line(f"epoch {epoch}/{settings.epochs}: loss {row[0]['loss']:.6g} / {row[1]['loss']:.6g}, "
+                          f"step {row[0]['step_size']:.3g}, {row[0]['seconds'] + row[1]['seconds']:.1f} s")
+    finally:
+        progress.close()
+    return _write_outputs(out_dir, grid, [s["x"] for s in states], metrics)
+
+
+def _start(path: Path, halves, settings, n_particles: int, resume: bool, device):
+    if resume and path.exists():
+        saved = load_checkpoint(path, device)
+        if saved["settings"] != {**dataclasses.asdict(settings), "epochs": saved["settings"]["epochs"]} \
+                or saved["n_particles"] != n_particles:
+            raise InputError(path, "--resume: the checkpoint was made with other settings or particles")
+        return saved["halves"], saved["metrics"], saved["epoch"] + 1
+    return [init_half(h) for h in halves], [], 1
+
+
+def _write_outputs(out_dir: Path, grid: FourierGrid, volumes, metrics) -> ReconstructionResult:
+    pixel = grid.work_pixel_A
+    maps = [map_of(x, grid) for x in volumes]
+    write_map(out_dir / "half1.mrc", maps[0], pixel)
+    write_map(out_dir / "half2.mrc", maps[1], pixel)
+    write_map(out_dir / "map.mrc", (maps[0] + maps[1]) / 2, pixel)
+    curve = FSCCurve(fsc_of_ft(volumes[0], volumes[1], grid.work_box_px), grid.work_box_px, pixel)
+    rows = ["shell,resolution_A,fsc"] + [f"{i},{r:.4f},{f:.6f}" for i, (r, f)
+                                         in enumerate(zip(curve.resolution_A, curve.fsc))]
+    write_lines(out_dir / "fsc.csv", rows)
+    save_fsc_plot(out_dir / "fsc.png", np.arange(len(curve.fsc)), curve.fsc, curve.resolution_A,
+                  f"half-map FSC: {curve.resolution_at(0.143):.2f} Å at 0.143")
+    save_loss_plot(out_dir / "loss.png", metrics)
+    return ReconstructionResult(out_dir, curve, metrics)
