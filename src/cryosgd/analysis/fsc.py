@@ -16,15 +16,8 @@ import torch
 from torch import Tensor
 
 from cryosgd.conventions import map_to_ft
+from cryosgd.fourier.grids import shell_index
 from cryosgd.objective.loss import voxel_multiplicity
-
-
-def shell_index(box_px: int, device=None) -> Tensor:
-    """``(n, n, n // 2 + 1)`` RELION shell number of every rfft half-grid voxel."""
-    k = torch.fft.fftfreq(box_px, 1 / box_px, dtype=torch.float64, device=device)
-    kx = torch.arange(box_px // 2 + 1, dtype=torch.float64, device=device)
-    radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    return torch.round(radius).long()
 
 
 def fsc_of_ft(a_ft: Tensor, b_ft: Tensor, box_px: int) -> np.ndarray:

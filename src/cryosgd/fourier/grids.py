@@ -84,3 +84,11 @@ class FourierGrid:
         out = values.new_zeros(*values.shape[:-1], box_px, box_px // 2 + 1)
         out[..., fft_index(k[:, 1], box_px), k[:, 0]] = values
         return out
+
+
+def shell_index(box_px: int, device=None) -> Tensor:
+    """``(n, n, n // 2 + 1)`` RELION shell number of every rfft half-grid voxel."""
+    k = torch.fft.fftfreq(box_px, 1 / box_px, dtype=torch.float64, device=device)
+    kx = torch.arange(box_px // 2 + 1, dtype=torch.float64, device=device)
+    radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    return torch.round(radius).long()

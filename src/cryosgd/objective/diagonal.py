@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from cryosgd.data.batch import Batch
+from cryosgd.fourier.grids import shell_index
 from cryosgd.fourier.slice import insert
 from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
 
@@ -29,7 +30,17 @@ def exact_diagonal(objective: LeastSquares, batch: Batch, dtype=torch.float32) -
     freq = model.pad * model.grid.freq_px.to(device=like.device, dtype=dtype)
     scattered = insert(torch.complex(values, torch.zeros_like(values)), batch.rotations.to(dtype), freq,
                        model.volume_shape, model.interp, weight_power=2).real
-    return scattered / len(batch) + objective.l2 * voxel_multiplicity(model.volume_shape, like.device, dtype)
+    return scattered / len(batch) + objective.ridge(model.volume_shape, like.device, dtype)
+
+
+def shell_means(diagonal: Tensor) -> Tensor:
+    """Mean of ``diagonal / m₃`` over each RELION shell (index = rounded radius), ``(n_shells,)``.
+
+    The curvature per full-grid voxel averaged over a shell: the scale of a per-shell ridge.
+    """
+    shells = shell_index(diagonal.shape[0], diagonal.device).reshape(-1)
+    per_voxel = (diagonal / voxel_multiplicity(diagonal.shape, diagonal.device, diagonal.dtype)).reshape(-1)
+    return torch.bincount(shells, per_voxel.double()) / torch.bincount(shells).clamp(min=1)
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype=torch.complex64, device=None) -> Tensor:

@@ -24,9 +24,13 @@ from cryosgd.model.forward import ForwardModel
 
 
 def voxel_multiplicity(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
-    """``m₃``: how many voxels of the full cube each half-grid voxel stands for (1 at kx = 0)."""
+    """``m₃``: how many voxels of the full cube each half-grid voxel stands for.
+
+    1 on the planes kx = 0 and kx = n/2 (Nyquist; boxes are even), 2 elsewhere.
+    """
     m = torch.full(shape, 2.0, device=device, dtype=dtype)
     m[..., 0] = 1.0
+    m[..., -1] = 1.0
     return m
 
 
@@ -36,12 +40,13 @@ class LeastSquares:
 
     Attributes:
         model: the forward model (grid, interpolation, CTF on/off).
-        l2: the ridge weight λ (1e-8 in the paper).
+        l2: the ridge weight λ (1e-8 in the paper): a number, or a tensor of the map's
+            half-grid shape for a per-voxel ridge.
         noise_weight: ``(P,)`` w(k) = 1/σ²(k) on the disc, or None for white unit noise.
     """
 
     model: ForwardModel
-    l2: float = 1e-8
+    l2: float | Tensor = 1e-8
     noise_weight: Tensor | None = None
 
     def pixel_weight(self, like: Tensor) -> Tensor:
@@ -50,8 +55,12 @@ class LeastSquares:
             weight = weight * self.noise_weight.to(weight)
         return weight
 
+    def ridge(self, shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
+        """λ m₃: the ridge's contribution to diag(H), per voxel."""
+        return self.l2 * voxel_multiplicity(shape, device, dtype)
+
     def _ridge(self, x: Tensor) -> Tensor:
-        return self.l2 * voxel_multiplicity(x.shape, x.device, x.real.dtype)
+        return self.ridge(x.shape, x.device, x.real.dtype)
 
     def residual(self, x: Tensor, batch: Batch) -> Tensor:
         """``(B, P)`` predicted minus observed disc values."""

@@ -1,7 +1,9 @@
-"""Conjugate gradients on the normal equations H x = b, b = −∇f(0): the deterministic baseline.
+"""(Preconditioned) conjugate gradients on the normal equations H x = −∇f(0).
 
-Every iteration needs one full-data H·p (one pass over all images), so one CG iteration is
-one epoch. The caller supplies ``full_hvp``; the state is checkpointable like the others.
+Every iteration needs one full-data H·p (one pass over all images), so one iteration is one
+epoch. ``diagonal`` turns it into Jacobi-preconditioned CG with M = diag(H), the exact
+diagonal of :mod:`cryosgd.objective.diagonal`. The caller supplies ``full_hvp``; the state
+holds tensors and numbers only, so it checkpoints like the SGD states.
 """
 
 from __future__ import annotations
@@ -18,17 +20,24 @@ def _dot(a: Tensor, b: Tensor) -> float:
 
 @dataclass(frozen=True)
 class ConjugateGradient:
-    """Linear CG for the real inner product on the half-grid map."""
+    """Linear (P)CG for the real inner product on the half-grid map."""
+
+    diagonal: Tensor | None = None
+
+    def _precondition(self, r: Tensor) -> Tensor:
+        return r if self.diagonal is None else r / self.diagonal
 
     def init(self, x: Tensor, full_gradient: Tensor) -> dict:
         r = -full_gradient
-        return {"r": r, "p": r.clone(), "rs": _dot(r, r)}
+        z = self._precondition(r)
+        return {"r": r, "p": z, "rz": _dot(r, z)}
 
     def update(self, x: Tensor, state: dict, full_hvp: Callable[[Tensor], Tensor]):
         hp = full_hvp(state["p"])
-        step = state["rs"] / _dot(state["p"], hp)
+        step = state["rz"] / _dot(state["p"], hp)
         x = x + step * state["p"]
         r = state["r"] - step * hp
-        rs = _dot(r, r)
-        p = r + (rs / state["rs"]) * state["p"]
-        return x, {"r": r, "p": p, "rs": rs}, {"step_size": step, "residual_norm": rs**0.5}
+        z = self._precondition(r)
+        rz = _dot(r, z)
+        p = z + (rz / state["rz"]) * state["p"]
+        return x, {"r": r, "p": p, "rz": rz}, {"step_size": step, "residual_norm": _dot(r, r) ** 0.5}

@@ -26,7 +26,7 @@ from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.io.mrc import write_map
-from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch
+from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch, set_prior
 from cryosgd.report import save_fsc_plot, save_loss_plot, write_lines
 
 
@@ -98,10 +98,13 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
     halves = [HalfSet(table.subset(index), stack.subset(index), grid, settings, h, device, dtype)
               for h, index in enumerate(split_halves(table, settings.seed), start=1)]
     states, metrics, first = _start(out_dir / "checkpoint.pt", halves, settings, len(table), resume, device)
-    batches = sum(-(-len(h) // settings.batch_size) if settings.method != "cg" else 1 for h in halves)
+    batches = sum(1 if settings.method in ("cg", "pcg") else -(-len(h) // settings.batch_size) for h in halves)
     progress = _Progress(batches * (settings.epochs - first + 1))
     try:
         for epoch in range(first, settings.epochs + 1):
+            if settings.prior == "wiener" and epoch > 1:  # τ² from the maps so far, as a resumed run sees it
+                curve = torch.as_tensor(fsc_of_ft(states[0]["x"], states[1]["x"], grid.work_box_px))
+                states = [set_prior(h, s, curve / (1 - curve)) for h, s in zip(halves, states)]
             states = [run_epoch(h, s, epoch, progress.advance) for h, s in zip(halves, states)]
             metrics += [s.pop("metrics") for s in states]
             save_checkpoint(out_dir / "checkpoint.pt", {"settings": dataclasses.asdict(settings), "epoch": epoch,

@@ -19,33 +19,38 @@ from cryosgd.data.batch import Batch, batch_indices, make_batch
 from cryosgd.data.particles import ParticleTable
 from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
-from cryosgd.fourier.grids import FourierGrid
+from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.model.forward import ForwardModel
-from cryosgd.objective.diagonal import exact_diagonal
+from cryosgd.objective.diagonal import exact_diagonal, shell_means
 from cryosgd.objective.loss import LeastSquares
 from cryosgd.optim.cg import ConjugateGradient
 from cryosgd.optim.precondition import shell_threshold
 from cryosgd.optim.sgd import algorithm1, exact_diagonal_sgd, plain_sgd
 
-METHODS = ("algorithm1", "sgd", "exact-diag", "cg")
+METHODS = ("algorithm1", "sgd", "exact-diag", "cg", "pcg")
+_FULL_BATCH = ("cg", "pcg")
 
 
 @dataclass(frozen=True)
 class ReconstructionSettings:
     """What ``cryosgd reconstruct`` is asked to do (checkpoints record it)."""
 
-    method: str = "algorithm1"
+    method: str = "pcg"
     epochs: int = 10
     batch_size: int = 256
     interp: str = "trilinear"
     work_box_px: int | None = None
     l2: float = 1e-8
+    prior: str = "wiener"  # "wiener": per-shell ridge from the half-map FSC after each epoch; "none"
+    shell_ridge: float = 1e-3  # plus this fraction of each shell's mean curvature (RELION's floor)
     d0: str = "exact"  # Algorithm 1's start: "one" (the paper) or "exact" (one scatter pass)
     seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise InputError(None, f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if self.prior not in ("wiener", "none"):
+            raise InputError(None, f"--prior {self.prior}: expected wiener or none")
         if self.d0 not in ("one", "exact"):
             raise InputError(None, f"--d0 {self.d0}: expected one or exact")
         if self.epochs < 1 or self.batch_size < 1:
@@ -85,7 +90,7 @@ class HalfSet:
 
 
 def make_optimizer(half: HalfSet, diagonal: Tensor | None):
-    """The optimiser of ``half.settings.method`` (CG excepted); ``diagonal`` from :func:`init_half`."""
+    """The SGD-type optimiser of ``half.settings.method``; ``diagonal`` from :func:`init_half`."""
     s = half.settings
     if s.method == "sgd":
         return plain_sgd()
@@ -95,27 +100,54 @@ def make_optimizer(half: HalfSet, diagonal: Tensor | None):
 
 
 def init_half(half: HalfSet) -> dict:
-    """Epoch-0 state of one half: the map, its optimiser's state and the exact diagonal if used.
-
-    The state holds tensors and numbers only, so it is what checkpoints store.
+    """Epoch-0 state of one half: the map, the data part of diag(H) (one pass), the ridge and
+    the optimiser's state. It holds tensors and numbers only: it is what checkpoints store.
     """
-    x = half.zeros()
-    s = half.settings
-    if s.method == "cg":
+    half.objective.l2 = 0.0
+    data_diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
+    state = {"x": half.zeros(), "opt": None, "data_diagonal": data_diagonal,
+             "shell_weight": shell_means(data_diagonal)}
+    return set_prior(half, state, ssnr=None)
+
+
+def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
+    """Set the per-voxel ridge λ + w̄(shell) · (shell_ridge + 1/SSNR(shell)) and what depends on it.
+
+    ``w̄`` is the shell mean of diag(H)'s data part and SSNR = FSC/(1 − FSC) of the half maps
+    (RELION's τ² = SSNR / w̄), floored at 1e-3; ``ssnr=None`` leaves the floor ridge only.
+    A full-batch method restarts CG on the new system (one gradient pass).
+    """
+    s, x = half.settings, state["x"]
+    factor = s.shell_ridge + (0.0 if ssnr is None else 1.0 / _per_shell(ssnr, len(state["shell_weight"])))
+    shells = shell_index(x.shape[0], x.device)
+    ridge = (s.l2 + (state["shell_weight"] * factor)[shells]).to(half.dtype)
+    half.objective.l2 = ridge
+    uses_diagonal = s.method in ("exact-diag", "pcg") or (s.method == "algorithm1" and s.d0 == "exact")
+    diagonal = state["data_diagonal"] + half.objective.ridge(x.shape, x.device, half.dtype) if uses_diagonal else None
+    if s.method in _FULL_BATCH:
         gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b)[1])
-        return {"x": x, "opt": ConjugateGradient().init(x, gradient), "diagonal": None}
-    diagonal = None
-    if s.method == "exact-diag" or (s.method == "algorithm1" and s.d0 == "exact"):
-        diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
-    return {"x": x, "opt": make_optimizer(half, diagonal).init(x), "diagonal": diagonal}
+        opt = ConjugateGradient(diagonal).init(x, gradient)
+    else:
+        opt = state["opt"] if state["opt"] is not None else make_optimizer(half, diagonal).init(x)
+    return {**state, "opt": opt, "diagonal": diagonal, "ridge": ridge}
+
+
+def _per_shell(ssnr: Tensor, n_shells: int) -> Tensor:
+    """SSNR padded with zeros to ``n_shells`` (corner shells beyond Nyquist), floored at 1e-3."""
+    out = torch.zeros(n_shells, dtype=torch.float64, device=ssnr.device)
+    known = min(len(ssnr), n_shells)
+    out[:known] = torch.nan_to_num(ssnr[:known].double(), nan=0.0)
+    return out.clamp(min=1e-3)
 
 
 def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], None] = lambda: None) -> dict:
-    """One epoch (one CG iteration for ``cg``); returns the new state with its metrics."""
+    """One epoch (one iteration for ``cg``/``pcg``); returns the new state with its metrics."""
     start = time.perf_counter()
     x, opt = state["x"], state["opt"]
-    if half.settings.method == "cg":
-        x, opt, info = ConjugateGradient().update(x, opt, lambda p: half.full_mean(lambda b: half.objective.hvp(p, b)))
+    half.objective.l2 = state["ridge"]
+    if half.settings.method in _FULL_BATCH:
+        cg = ConjugateGradient(state["diagonal"])
+        x, opt, info = cg.update(x, opt, lambda p: half.full_mean(lambda b: half.objective.hvp(p, b)))
         on_batch()
         steps = [info["step_size"]]
     else:
