@@ -130,3 +130,15 @@ def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int,
     """
     values_ri = torch.view_as_real(values)
     return torch.view_as_complex(_insert_fast(values_ri, rotations, freq_px, tuple(shape), interp, weight_power))
+
+
+def apodization(box_px: int, interp: Interp, pad: int = 1, dtype=torch.float64) -> Tensor:
+    """``(n,)`` real-space profile that Fourier-space interpolation multiplies a map by, per axis.
+
+    Slicing a map's Fourier transform, sampled on a ``pad·n`` grid, by trilinear (nearest)
+    interpolation is slicing that of ``v · sinc²(x / (pad·n))`` (``sinc``), x from the box
+    centre. :func:`cryosgd.model.project.oversampled_ft` divides by it before projecting;
+    a reconstruction's map is multiplied by it (the gridding correction).
+    """
+    x = (torch.arange(box_px, dtype=dtype) - box_px // 2) / (pad * box_px)
+    return torch.sinc(x) ** (2 if interp == "trilinear" else 1)

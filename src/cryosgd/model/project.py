@@ -18,7 +18,7 @@ from cryosgd.data.batch import batch_indices, make_batch
 from cryosgd.data.particles import ParticleTable, read_particles, write_particles
 from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.fourier.slice import Interp
+from cryosgd.fourier.slice import Interp, apodization
 from cryosgd.io.mrc import new_stack, read_map
 from cryosgd.model.forward import ForwardModel
 
@@ -31,8 +31,7 @@ def oversampled_ft(volume: torch.Tensor, pad: int, interp: Interp) -> torch.Tens
     """
     n = volume.shape[-1]
     m = pad * n
-    x = (torch.arange(n, dtype=volume.dtype) - n // 2) / m
-    profile = torch.sinc(x) ** (2 if interp == "trilinear" else 1)
+    profile = apodization(n, interp, pad, volume.dtype).to(volume.device)
     corrected = volume / (profile[:, None, None] * profile[None, :, None] * profile[None, None, :])
     padded = volume.new_zeros(m, m, m)
     lo = m // 2 - n // 2

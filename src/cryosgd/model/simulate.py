@@ -76,6 +76,7 @@ class SimulationSettings:
     voltage_kV: float = 300.0
     cs_mm: float = 2.7
     amplitude_contrast: float = 0.1
+    bfactor_A2: float = 0.0  # envelope exp(−B s²/4) applied to the ground truth itself
     seed: int = 0
 
 
@@ -111,6 +112,8 @@ def simulate(source: str | Path, out_dir: str | Path, settings: SimulationSettin
     if settings.snr <= 0:
         raise InputError(None, f"--snr {settings.snr}: must be positive")
     volume, voxel_A = load_map(source, box_px, pixel_A)
+    if settings.bfactor_A2:
+        volume = blur(volume, voxel_A, settings.bfactor_A2)
     out_dir = Path(out_dir)
     poses = read_particles(poses_star, pixel_A=voxel_A) if poses_star else None
     table = random_table(settings, voxel_A, volume.shape[0], poses)
@@ -126,6 +129,15 @@ def simulate(source: str | Path, out_dir: str | Path, settings: SimulationSettin
     table.image_name = [f"{i + 1:06d}@{stack.name}" for i in range(len(table))]
     write_particles(out_dir / "particles.star", table)
     return out_dir / "particles.star"
+
+
+def blur(volume: np.ndarray, voxel_A: float, bfactor_A2: float) -> np.ndarray:
+    """Multiply a map's Fourier transform by the envelope exp(−B s²/4)."""
+    n = volume.shape[0]
+    s = np.fft.fftfreq(n, voxel_A)
+    s2 = s[:, None, None] ** 2 + s[None, :, None] ** 2 + np.fft.rfftfreq(n, voxel_A)[None, None, :] ** 2
+    blurred = np.fft.irfftn(np.fft.rfftn(volume) * np.exp(-bfactor_A2 * s2 / 4), s=volume.shape)
+    return blurred.astype(np.float32)
 
 
 def _variance(images: np.ndarray, batch_size: int) -> float:

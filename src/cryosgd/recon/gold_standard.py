@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryosgd.analysis.fsc import FSCCurve, fsc_of_ft
+from cryosgd.analysis.fsc import FSCCurve, fsc, fsc_of_ft
 from cryosgd.checkpoint import load_checkpoint, save_checkpoint
 from cryosgd.conventions import ft_to_map
 from cryosgd.data.particles import ParticleTable, read_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid
+from cryosgd.fourier.slice import apodization
 from cryosgd.io.mrc import write_map
 from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch, set_prior
 from cryosgd.report import save_fsc_plot, save_loss_plot, write_lines
@@ -54,10 +55,17 @@ def split_halves(table: ParticleTable, seed: int) -> list[np.ndarray]:
     return halves
 
 
-def map_of(x: torch.Tensor, grid: FourierGrid) -> np.ndarray:
-    """Real-space map at the working box, in the density units of the full-box map."""
+def map_of(x: torch.Tensor, grid: FourierGrid, interp: str) -> np.ndarray:
+    """Real-space map at the working box, in the density units of the full-box map.
+
+    The gridding correction multiplies by the interpolation's apodisation: the fitted ``x``
+    is the transform of ``v / sinc²``, whose slices match projections of ``v``.
+    """
     n = grid.work_box_px
-    return (ft_to_map(x.to(torch.complex128), n) * (n / grid.box_px) ** 3).cpu().numpy().astype(np.float32)
+    profile = apodization(n, interp).to(x.device)
+    volume = ft_to_map(x.to(torch.complex128), n) * (n / grid.box_px) ** 3
+    volume = volume * profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
+    return volume.cpu().numpy().astype(np.float32)
 
 
 class _Progress:
@@ -116,7 +124,7 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
                           f"step {row[0]['step_size']:.3g}, {row[0]['seconds'] + row[1]['seconds']:.1f} s")
     finally:
         progress.close()
-    return _write_outputs(out_dir, grid, [s["x"] for s in states], metrics)
+    return _write_outputs(out_dir, grid, [map_of(s["x"], grid, settings.interp) for s in states], metrics)
 
 
 def _start(path: Path, halves, settings, n_particles: int, resume: bool, device):
@@ -129,13 +137,12 @@ def _start(path: Path, halves, settings, n_particles: int, resume: bool, device)
     return [init_half(h) for h in halves], [], 1
 
 
-def _write_outputs(out_dir: Path, grid: FourierGrid, volumes, metrics) -> ReconstructionResult:
+def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], metrics) -> ReconstructionResult:
     pixel = grid.work_pixel_A
-    maps = [map_of(x, grid) for x in volumes]
     write_map(out_dir / "half1.mrc", maps[0], pixel)
     write_map(out_dir / "half2.mrc", maps[1], pixel)
     write_map(out_dir / "map.mrc", (maps[0] + maps[1]) / 2, pixel)
-    curve = FSCCurve(fsc_of_ft(volumes[0], volumes[1], grid.work_box_px), grid.work_box_px, pixel)
+    curve = fsc(maps[0], maps[1], pixel)
     rows = ["shell,resolution_A,fsc"] + [f"{i},{r:.4f},{f:.6f}" for i, (r, f)
                                          in enumerate(zip(curve.resolution_A, curve.fsc))]
     write_lines(out_dir / "fsc.csv", rows)
