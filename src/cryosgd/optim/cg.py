@@ -1,4 +1,4 @@
-"""(Preconditioned) conjugate gradients on the normal equations H x = −∇f(0).
+"""(Preconditioned) conjugate gradients on the normal equations H x = b, b = −∇f(0).
 
 Every iteration needs one full-data H·p (one pass over all images), so one iteration is one
 epoch. ``diagonal`` turns it into Jacobi-preconditioned CG with M = diag(H), the exact
@@ -27,8 +27,9 @@ class ConjugateGradient:
     def _precondition(self, r: Tensor) -> Tensor:
         return r if self.diagonal is None else r / self.diagonal
 
-    def init(self, x: Tensor, full_gradient: Tensor) -> dict:
-        r = -full_gradient
+    def init(self, residual: Tensor) -> dict:
+        """Start (or restart) from the residual r = b − H x = −∇f(x) at the current x."""
+        r = residual
         z = self._precondition(r)
         return {"r": r, "p": z, "rz": _dot(r, z)}
 

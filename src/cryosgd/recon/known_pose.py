@@ -22,7 +22,7 @@ from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.model.forward import ForwardModel
 from cryosgd.objective.diagonal import exact_diagonal, shell_means
-from cryosgd.objective.loss import LeastSquares
+from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
 from cryosgd.optim.cg import ConjugateGradient
 from cryosgd.optim.precondition import shell_threshold
 from cryosgd.optim.sgd import algorithm1, exact_diagonal_sgd, plain_sgd
@@ -76,13 +76,16 @@ class HalfSet:
         for index in batch_indices(len(self.table), self.settings.batch_size, rng):
             yield make_batch(self.table, index, self.grid, self.stack, self.dtype, self.device)
 
-    def full_mean(self, fn: Callable[[Batch], Tensor]) -> Tensor:
-        """Mean over all particles of a per-batch mean ``fn(batch)``."""
+    def full_mean(self, fn: Callable[[Batch], Tensor | tuple[Tensor, ...]]):
+        """Mean over all particles of a per-batch mean ``fn(batch)`` (a tensor or a tuple of them)."""
         total = None
         for batch in self.batches(None):
-            value = fn(batch) * len(batch)
-            total = value if total is None else total + value
-        return total / len(self)
+            values = fn(batch)
+            values = (values,) if isinstance(values, Tensor) else values
+            weighted = [v * len(batch) for v in values]
+            total = weighted if total is None else [t + w for t, w in zip(total, weighted)]
+        means = [t / len(self) for t in total]
+        return means[0] if len(means) == 1 else tuple(means)
 
     def zeros(self) -> Tensor:
         complex_dtype = torch.promote_types(self.dtype, torch.complex64)
@@ -104,9 +107,13 @@ def init_half(half: HalfSet) -> dict:
     the optimiser's state. It holds tensors and numbers only: it is what checkpoints store.
     """
     half.objective.l2 = 0.0
+    x = half.zeros()
     data_diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
-    state = {"x": half.zeros(), "opt": None, "data_diagonal": data_diagonal,
-             "shell_weight": shell_means(data_diagonal)}
+    state = {"x": x, "opt": None, "data_diagonal": data_diagonal, "shell_weight": shell_means(data_diagonal),
+             "ridge": torch.zeros((), dtype=half.dtype, device=x.device)}
+    if half.settings.method in _FULL_BATCH:  # f(0) = c and ∇f(0) = −b, in one pass
+        c, gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b))
+        state.update(c=float(c), b=-gradient)
     return set_prior(half, state, ssnr=None)
 
 
@@ -115,7 +122,8 @@ def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
 
     ``w̄`` is the shell mean of diag(H)'s data part and SSNR = FSC/(1 − FSC) of the half maps
     (RELION's τ² = SSNR / w̄), floored at 1e-3; ``ssnr=None`` leaves the floor ridge only.
-    A full-batch method restarts CG on the new system (one gradient pass).
+    A full-batch method restarts CG on the new system; its residual r = b − Hx changes by
+    exactly −(R_new − R_old)·x, so no pass over the data is needed.
     """
     s, x = half.settings, state["x"]
     factor = s.shell_ridge + (0.0 if ssnr is None else 1.0 / _per_shell(ssnr, len(state["shell_weight"])))
@@ -125,8 +133,9 @@ def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
     uses_diagonal = s.method in ("exact-diag", "pcg") or (s.method == "algorithm1" and s.d0 == "exact")
     diagonal = state["data_diagonal"] + half.objective.ridge(x.shape, x.device, half.dtype) if uses_diagonal else None
     if s.method in _FULL_BATCH:
-        gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b)[1])
-        opt = ConjugateGradient(diagonal).init(x, gradient)
+        residual = state["b"] if state["opt"] is None else state["opt"]["r"]
+        multiplicity = voxel_multiplicity(x.shape, x.device, half.dtype)
+        opt = ConjugateGradient(diagonal).init(residual - (ridge - state["ridge"]) * multiplicity * x)
     else:
         opt = state["opt"] if state["opt"] is not None else make_optimizer(half, diagonal).init(x)
     return {**state, "opt": opt, "diagonal": diagonal, "ridge": ridge}
@@ -150,6 +159,7 @@ def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], Non
         x, opt, info = cg.update(x, opt, lambda p: half.full_mean(lambda b: half.objective.hvp(p, b)))
         on_batch()
         steps = [info["step_size"]]
+        loss = state["c"] - 0.5 * float((x.conj() * (state["b"] + opt["r"])).real.sum())  # f = c − ½⟨x, b + r⟩
     else:
         optimizer = make_optimizer(half, state["diagonal"])
         opt = optimizer.start_epoch(opt)
@@ -160,7 +170,7 @@ def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], Non
             x, opt, info = optimizer.update(x, opt, half.objective, batch, generator)
             steps.append(info["step_size"])
             on_batch()
-    loss = float(half.full_mean(lambda b: half.objective.loss(x, b)))
+        loss = float(half.full_mean(lambda b: half.objective.loss(x, b)))
     metrics = {"epoch": epoch, "half": half.half, "loss": loss, "step_size": float(np.median(steps)),
                "seconds": time.perf_counter() - start}
     return {**state, "x": x, "opt": opt, "metrics": metrics}
