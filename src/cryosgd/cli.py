@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cryo-EM reconstruction by preconditioned stochastic gradient descent.")
 
 Interp = typer.Option("trilinear", "--interp", help="trilinear or nearest")
+Device = typer.Option(None, "--device", help="torch device, e.g. cuda (default: cpu).")
 
 
 def _one_line_errors(command):
@@ -48,7 +49,7 @@ def project(
     ctf: bool = typer.Option(True, "--ctf/--no-ctf", help="Apply each particle's CTF."),
     pad: int = typer.Option(2, help="Fourier oversampling of the map (RELION's --pad)."),
     batch_size: int = typer.Option(256, help="Images per batch."),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda (default: cpu)."),
+    device: Optional[str] = Device,
 ):
     """Noise-free CTF-modulated projections of MAP at the STAR's poses (like relion_project --ctf)."""
     from cryosgd.model.project import project as run
@@ -74,7 +75,7 @@ def simulate(
     astigmatism: float = typer.Option(1000.0, help="Largest defocus U − V (Å)."),
     bfactor: float = typer.Option(0.0, help="B-factor (Å²) of an envelope applied to the ground truth."),
     seed: int = typer.Option(0, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="torch device."),
+    device: Optional[str] = Device,
 ):
     """A particle dataset (STAR 3.1 + MRCS + ground_truth.mrc) with known poses, CTFs and noise."""
     from cryosgd.model.simulate import SimulationSettings
@@ -92,8 +93,8 @@ def simulate(
 def reconstruct(
     star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Particles with known poses (STAR 3.0/3.1)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    method: str = typer.Option("pcg", help="algorithm1, sgd, exact-diag, cg or pcg (CG preconditioned by the exact diagonal)."),
-    epochs: int = typer.Option(10, help="Passes over the data (CG: iterations)."),
+    method: str = typer.Option("algorithm1", help="algorithm1, sgd, exact-diag, cg or pcg (CG preconditioned by the exact diagonal)."),
+    epochs: int = typer.Option(3, help="Passes over the data (CG: iterations)."),
     batch_size: int = typer.Option(256, help="Images per step."),
     interp: str = Interp,
     box: Optional[int] = typer.Option(None, help="Working box (px): Fourier-crop the images to it."),
@@ -102,7 +103,7 @@ def reconstruct(
     shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean curvature."),
     d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (one extra pass) or one (the paper)."),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda (default: cpu)."),
+    device: Optional[str] = Device,
     seed: int = typer.Option(0, help="Random seed (batch order, probes, half-set split)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTDIR/checkpoint.pt."),
 ):
@@ -149,7 +150,7 @@ def fsc(
 def demo(
     output: Path = typer.Option(Path("cryosgd-demo"), "-o", "--output", help="Output folder."),
     n_particles: int = typer.Option(6000, "-n", "--particles"),
-    epochs: int = typer.Option(5),
+    epochs: int = typer.Option(3),
     seed: int = typer.Option(0),
 ):
     """Simulate particles of ubiquitin (PDB 1UBQ, shipped) and reconstruct them with known poses."""

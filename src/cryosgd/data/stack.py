@@ -2,13 +2,15 @@
 
 ``rlnImageName`` is ``index@path`` with a 1-based index; a relative path is resolved
 against the STAR file's folder, or else against the working directory (where RELION
-resolves it: its project folder). Stacks are opened as memory maps, so a dataset larger
-than RAM is read one batch at a time.
+resolves it: its project folder). Headers are validated once through memory maps; images
+are then read with ``pread`` one run of consecutive images at a time, so a dataset larger
+than RAM is read batch by batch and the stack's pages never count as the process's memory.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,10 @@ class ImageStack:
             self.stack_id[i], self.slot[i] = stack_of[rel], int(number) - 1
         self._maps = [open_mrc(p) for p in self.paths]
         self.box_px = self._validate(source)
+        self._layout = [(mrc.header.nsymbt + 1024, mrc.data.dtype) for mrc in self._maps]
+        for mrc in self._maps:
+            mrc.close()
+        self._files: dict[int, int] = {}
 
     def _validate(self, source: Path) -> int:
         shapes = {}
@@ -77,17 +83,32 @@ class ImageStack:
         """Images of particles ``index`` → ``(B, box, box)`` float32, [y, x]."""
         index = np.asarray(index)
         out = np.empty((len(index), self.box_px, self.box_px), dtype=np.float32)
-        for k in np.unique(self.stack_id[index]):
-            rows = np.nonzero(self.stack_id[index] == k)[0]
-            data = self._maps[k].data
-            data = data if data.ndim == 3 else data[None]
-            out[rows] = data[self.slot[index[rows]]]
-            bad = ~np.isfinite(out[rows]).all(axis=(1, 2))
+        for row, k, first, count in self._runs(index):
+            out[row:row + count] = self._read_run(k, first, count)
+            bad = ~np.isfinite(out[row:row + count]).all(axis=(1, 2))
             if bad.any():
-                first = self.slot[index[rows[bad.argmax()]]] + 1
-                raise InputError(self.paths[k], f"image {first}: NaN or infinite pixel values")
+                raise InputError(self.paths[k], f"image {first + bad.argmax() + 1}: NaN or infinite pixel values")
         return out
 
+    def _runs(self, index: np.ndarray):
+        """(output row, stack, first slot, count) for each run of consecutive images."""
+        stacks, slots = self.stack_id[index], self.slot[index]
+        breaks = np.nonzero((np.diff(stacks) != 0) | (np.diff(slots) != 1))[0] + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(index)]])
+        return [(int(a), int(stacks[a]), int(slots[a]), int(b - a)) for a, b in zip(starts, ends)]
+
+    def _read_run(self, k: int, first: int, count: int) -> np.ndarray:
+        if k not in self._files:
+            self._files[k] = os.open(self.paths[k], os.O_RDONLY)
+        offset, dtype = self._layout[k]
+        size = self.box_px * self.box_px * dtype.itemsize
+        data = os.pread(self._files[k], size * count, offset + size * first)
+        if len(data) != size * count:
+            raise InputError(self.paths[k], f"image {first + count}: file ends early (truncated stack)")
+        return np.frombuffer(data, dtype=dtype).reshape(count, self.box_px, self.box_px)
+
     def close(self) -> None:
-        for mrc in self._maps:
-            mrc.close()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()

@@ -35,8 +35,8 @@ _FULL_BATCH = ("cg", "pcg")
 class ReconstructionSettings:
     """What ``cryosgd reconstruct`` is asked to do (checkpoints record it)."""
 
-    method: str = "pcg"
-    epochs: int = 10
+    method: str = "algorithm1"
+    epochs: int = 3
     batch_size: int = 256
     interp: str = "trilinear"
     work_box_px: int | None = None
