@@ -94,7 +94,7 @@ def test_reconstruct_writes_gold_standard_outputs(dataset, tmp_path):
 
 
 def test_fourier_cropped_reconstruction_has_the_working_pixel_size(dataset, tmp_path):
-    code, out = _reconstruct(dataset, tmp_path / "c", "--epochs", 3, "--box", 16)
+    code, out = _reconstruct(dataset, tmp_path / "c", "--epochs", 3, "--box", 16, "--method", "pcg")
     assert code == 0, out
     cropped, pixel = read_map(tmp_path / "c" / "map.mrc")
     assert cropped.shape == (16, 16, 16) and pixel == pytest.approx(6.0, abs=1e-4)
