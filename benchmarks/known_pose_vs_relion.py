@@ -67,7 +67,6 @@ def fsc_row(path: Path, truth: np.ndarray, pixel_A: float) -> tuple[float, np.nd
 
 def convergence_epochs(star: Path, box: int, methods: list[str], epochs: int, threshold: float = 0.9):
     """Epochs each SGD method needs for FSC > threshold against the converged map in the outer shells."""
-    import torch
 
     from cryosgd.analysis.fsc import fsc_of_ft
     from cryosgd.fourier.grids import FourierGrid

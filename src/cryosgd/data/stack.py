@@ -45,16 +45,18 @@ class ImageStack:
                 stack_of[rel] = len(self.paths)
                 self.paths.append(_resolve(rel, root))
             self.stack_id[i], self.slot[i] = stack_of[rel], int(number) - 1
-        self._maps = [open_mrc(p) for p in self.paths]
-        self.box_px = self._validate(source)
-        self._layout = [(mrc.header.nsymbt + 1024, mrc.data.dtype) for mrc in self._maps]
-        for mrc in self._maps:
-            mrc.close()
+        maps = [open_mrc(p) for p in self.paths]
+        try:
+            self.box_px = self._validate(source, maps)
+            self._layout = [(int(mrc.header.nsymbt) + 1024, mrc.data.dtype) for mrc in maps]
+        finally:
+            for mrc in maps:
+                mrc.close()
         self._files: dict[int, int] = {}
 
-    def _validate(self, source: Path) -> int:
+    def _validate(self, source: Path, maps) -> int:
         shapes = {}
-        for path, mrc in zip(self.paths, self._maps):
+        for path, mrc in zip(self.paths, maps):
             data = mrc.data
             shape = data.shape if data.ndim == 3 else (1, *data.shape)
             if shape[1] != shape[2]:
