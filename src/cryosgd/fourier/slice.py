@@ -14,12 +14,12 @@ non-zero weight inside the grid (see :class:`cryosgd.fourier.grids.FourierGrid`)
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from cryosgd.compiled import maybe_compile
 from cryosgd.conventions import slice_points
 
 Interp = Literal["trilinear", "nearest"]
@@ -90,19 +90,8 @@ def _insert(values_ri: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[
     return out.reshape(*shape, 2)
 
 
-def _maybe_compile(fn):
-    """``torch.compile`` the hot path unless ``CRYOSGD_COMPILE=0``; one code for CPU and GPU.
-
-    Shapes are specialised on the first call and turn dynamic only in the dimensions that
-    change later (the batch size), which keeps the map shape a compile-time constant.
-    """
-    if os.environ.get("CRYOSGD_COMPILE", "1") == "0":
-        return fn
-    return torch.compile(fn)
-
-
-_extract_fast = _maybe_compile(_extract)
-_insert_fast = _maybe_compile(_insert)
+_extract_fast = maybe_compile(_extract)
+_insert_fast = maybe_compile(_insert)
 
 
 def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Interp = "trilinear") -> Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryosgd.compiled import maybe_compile
 from cryosgd.data.particles import ParticleTable
 
 
@@ -60,15 +61,21 @@ class CTFParams:
 
     def __call__(self, freq_invA: Tensor) -> Tensor:
         """Evaluate at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹ → ``(B, P)`` real CTF values."""
-        col = lambda t: t[:, None]  # noqa: E731  (B,) → (B, 1) against (P,)
-        kx, ky = freq_invA[:, 0], freq_invA[:, 1]
-        s2 = kx**2 + ky**2
-        azimuth = torch.atan2(ky, kx)
-        lam = col(electron_wavelength_A(self.voltage_kV))
-        mean = (col(self.defocus_u_A) + col(self.defocus_v_A)) / 2
-        half_diff = (col(self.defocus_u_A) - col(self.defocus_v_A)) / 2
-        defocus = -(mean + half_diff * torch.cos(2 * (azimuth - col(torch.deg2rad(self.defocus_angle_deg)))))
-        q0 = col(self.amplitude_contrast)
-        chi = (math.pi * lam * defocus * s2 + (math.pi / 2) * col(self.cs_mm) * 1e7 * lam**3 * s2**2
-               - col(torch.deg2rad(self.phase_shift_deg)) - torch.atan(q0 / torch.sqrt(1 - q0**2)))
-        return -torch.sin(chi) * col(self.scale) * torch.exp(-col(self.bfactor_A2) * s2 / 4)
+        return _ctf_fast(*(getattr(self, f.name)[:, None] for f in fields(self)), freq_invA[:, 0], freq_invA[:, 1])
+
+
+def _ctf(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg,
+         bfactor_A2, scale, kx, ky) -> Tensor:
+    """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``."""
+    s2 = kx**2 + ky**2
+    lam = electron_wavelength_A(voltage_kV)
+    mean = (defocus_u_A + defocus_v_A) / 2
+    half_diff = (defocus_u_A - defocus_v_A) / 2
+    defocus = -(mean + half_diff * torch.cos(2 * (torch.atan2(ky, kx) - torch.deg2rad(defocus_angle_deg))))
+    q0 = amplitude_contrast
+    chi = (math.pi * lam * defocus * s2 + (math.pi / 2) * cs_mm * 1e7 * lam**3 * s2**2
+           - torch.deg2rad(phase_shift_deg) - torch.atan(q0 / torch.sqrt(1 - q0**2)))
+    return -torch.sin(chi) * scale * torch.exp(-bfactor_A2 * s2 / 4)
+
+
+_ctf_fast = maybe_compile(_ctf)
