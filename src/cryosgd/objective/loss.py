@@ -68,7 +68,7 @@ class LeastSquares:
 
     def loss(self, x: Tensor, batch: Batch, residual: Tensor | None = None) -> Tensor:
         r = self.residual(x, batch) if residual is None else residual
-        data = 0.5 * (self.pixel_weight(r) * r.real.square() + self.pixel_weight(r) * r.imag.square()).sum()
+        data = 0.5 * (self.pixel_weight(r) * (r.real.square() + r.imag.square())).sum()
         ridge = 0.5 * (self._ridge(x) * (x.real.square() + x.imag.square())).sum()
         return data / len(batch) + ridge
 

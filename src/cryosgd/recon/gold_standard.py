@@ -106,8 +106,7 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
     halves = [HalfSet(table.subset(index), stack.subset(index), grid, settings, h, device, dtype)
               for h, index in enumerate(split_halves(table, settings.seed), start=1)]
     states, metrics, first = _start(out_dir / "checkpoint.pt", halves, settings, len(table), resume, device)
-    batches = sum(1 if settings.method in ("cg", "pcg") else -(-len(h) // settings.batch_size) for h in halves)
-    progress = _Progress(batches * (settings.epochs - first + 1))
+    progress = _Progress(sum(h.steps_per_epoch for h in halves) * (settings.epochs - first + 1))
     try:
         for epoch in range(first, settings.epochs + 1):
             if settings.prior == "wiener" and epoch > 1:  # τ² from the maps so far, as a resumed run sees it

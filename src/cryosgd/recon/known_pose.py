@@ -70,6 +70,13 @@ class HalfSet:
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in an epoch: one for the full-batch methods, else one per batch."""
+        if self.settings.method in _FULL_BATCH:
+            return 1
+        return -(-len(self) // self.settings.batch_size)
+
     def batches(self, epoch: int | None) -> Iterator[Batch]:
         """Batches in the order of ``epoch`` (shuffled), or in file order when ``epoch`` is None."""
         rng = None if epoch is None else np.random.default_rng([self.settings.seed, self.half, epoch])
