@@ -91,8 +91,13 @@ def shift_phase(freq_invA: Tensor, shift_A: Tensor) -> Tensor:
     Returns:
         ``(B, P)`` complex ``exp(+2πi k · origin)``.
     """
-    angle = 2 * math.pi * (shift_A @ freq_invA.T)
+    angle = shift_angle(freq_invA, shift_A)
     return torch.polar(torch.ones_like(angle), angle)
+
+
+def shift_angle(freq_invA: Tensor, shift_A: Tensor) -> Tensor:
+    """``(B, P)`` phase angles 2π k · origin (radians) of :func:`shift_phase`."""
+    return 2 * math.pi * (shift_A[:, None, 0] * freq_invA[:, 0] + shift_A[:, None, 1] * freq_invA[:, 1])
 
 
 def map_to_ft(volume: Tensor) -> Tensor:

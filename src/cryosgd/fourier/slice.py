@@ -78,16 +78,20 @@ def _extract(volume_ri: Tensor, rotations: Tensor, freq_px: Tensor, interp: Inte
     return torch.stack([value_re, value_im * sign], -1)
 
 
-def _insert(values_ri: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
-            interp: Interp, weight_power: int) -> Tensor:
-    """Kernel on real views: ``(B, P, 2)`` values → ``(n, n, nh, 2)`` map."""
+def _insert(out: Tensor, values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
+            interp: Interp, conjugate: tuple[bool, ...], powers: tuple[int, ...]) -> None:
+    """Kernel on real channels: adds ``(B, P, C)`` values into the ``(n · n · nh, C)`` map ``out``.
+
+    Channel c is multiplied by the flip sign where ``conjugate[c]`` (imaginary parts) and
+    scattered with the interpolation weights to the power ``powers[c]``.
+    """
     index, weight, sign = stencil(slice_points(rotations, freq_px), shape, interp)
-    weight = weight**weight_power
-    v = torch.stack([values_ri[..., 0], values_ri[..., 1] * sign], -1)
-    contributions = (weight[..., None] * v[..., None, :]).reshape(-1, 2)
-    out = v.new_zeros(shape[0] * shape[1] * shape[2], 2)
-    out.index_add_(0, index.reshape(-1), contributions)
-    return out.reshape(*shape, 2)
+    channels = [values[..., c] * sign if flip else values[..., c] for c, flip in enumerate(conjugate)]
+    contributions = torch.stack([weight**p * v[..., None] for v, p in zip(channels, powers)], -1)
+    out.index_add_(0, index.reshape(-1), contributions.reshape(-1, len(powers)))
+
+
+_CHUNK_POINTS = 32768  # scatter this many slice points per kernel call: its buffers stay in cache
 
 
 _extract_fast = maybe_compile(_extract)
@@ -111,14 +115,47 @@ def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Inter
 
 
 def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
-           interp: Interp = "trilinear", weight_power: int = 1) -> Tensor:
-    """Exact adjoint of :func:`extract`: back-project ``(B, P)`` values into a ``shape`` half-grid.
+           interp: Interp = "trilinear") -> Tensor:
+    """Exact adjoint of :func:`extract`: back-project ``(B, P)`` values into a ``shape`` half-grid."""
+    maps, _ = insert_many(values[None], None, rotations, freq_px, shape, interp)
+    return maps[0]
 
-    ``weight_power=2`` scatters with squared interpolation weights instead: applied to real
-    values ``c²`` it gives the diagonal of ``Σ Pᵀ diag(c²) P``, the exact Hessian diagonal.
+
+def insert_many(values: Tensor | None, squared: Tensor | None, rotations: Tensor, freq_px: Tensor,
+                shape: tuple[int, int, int], interp: Interp = "trilinear") -> tuple[Tensor | None, Tensor | None]:
+    """Several back-projections sharing one stencil and one scatter.
+
+    Args:
+        values: ``(K, B, P)`` complex values, each back-projected as by :func:`insert`, or None.
+        squared: ``(B, P)`` real values scattered with *squared* interpolation weights, or None.
+            Applied to ``c²`` this is the diagonal of ``Σ Pᵀ diag(c²) P``, the exact Hessian
+            diagonal.
+
+    Returns:
+        ``(K, n, n, nh)`` complex maps (or None) and the ``(n, n, nh)`` real map of ``squared``.
     """
-    values_ri = torch.view_as_real(values)
-    return torch.view_as_complex(_insert_fast(values_ri, rotations, freq_px, tuple(shape), interp, weight_power))
+    channels, conjugate, powers = [], [], []
+    if values is not None:
+        for v in values:
+            channels += [v.real, v.imag]
+            conjugate += [False, True]
+            powers += [1, 1]
+    if squared is not None:
+        channels.append(squared)
+        conjugate.append(False)
+        powers.append(2)
+    stacked = torch.stack(channels, -1)
+    out = stacked.new_zeros(shape[0] * shape[1] * shape[2], len(powers))
+    chunk = max(1, _CHUNK_POINTS // freq_px.shape[0])
+    for start in range(0, len(rotations), chunk):
+        _insert_fast(out, stacked[start:start + chunk], rotations[start:start + chunk], freq_px, tuple(shape),
+                     interp, tuple(conjugate), tuple(powers))
+    out = out.reshape(*shape, len(powers))
+    maps = None
+    if values is not None:
+        maps = torch.view_as_complex(out[..., :2 * len(values)].reshape(*shape, len(values), 2).movedim(3, 0)
+                                     .contiguous())
+    return maps, (out[..., -1] if squared is not None else None)
 
 
 def apodization(box_px: int, interp: Interp, pad: int = 1, dtype=torch.float64) -> Tensor:

@@ -59,12 +59,16 @@ class CTFParams:
     def to(self, dtype: torch.dtype | None = None, device=None) -> CTFParams:
         return CTFParams(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
 
+    def columns(self) -> tuple[Tensor, ...]:
+        """The ``(B,)`` parameters in the order of :func:`ctf_formula`'s arguments."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
     def __call__(self, freq_invA: Tensor) -> Tensor:
         """Evaluate at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹ → ``(B, P)`` real CTF values."""
-        return _ctf_fast(*(getattr(self, f.name)[:, None] for f in fields(self)), freq_invA[:, 0], freq_invA[:, 1])
+        return _ctf_fast(*(c[:, None] for c in self.columns()), freq_invA[:, 0], freq_invA[:, 1])
 
 
-def _ctf(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg,
+def ctf_formula(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg,
          bfactor_A2, scale, kx, ky) -> Tensor:
     """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``."""
     s2 = kx**2 + ky**2
@@ -78,4 +82,4 @@ def _ctf(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitu
     return -torch.sin(chi) * scale * torch.exp(-bfactor_A2 * s2 / 4)
 
 
-_ctf_fast = maybe_compile(_ctf)
+_ctf_fast = maybe_compile(ctf_formula)

@@ -15,10 +15,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryosgd.conventions import shift_phase
+from cryosgd.compiled import maybe_compile
+from cryosgd.conventions import shift_angle
 from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.fourier.slice import Interp, extract, insert
+from cryosgd.model.ctf import ctf_formula
+from cryosgd.fourier.slice import Interp, extract, insert_many
+
+
+def _modulation(freq_invA: Tensor, shift_A: Tensor, *ctf_columns: Tensor) -> Tensor:
+    """``(B, P, 2)`` real and imaginary parts of CTF · exp(+2πi k · origin), CTF = 1 without columns."""
+    angle = shift_angle(freq_invA, shift_A)
+    ctf = ctf_formula(*(c[:, None] for c in ctf_columns), freq_invA[:, 0], freq_invA[:, 1]) if ctf_columns else 1.0
+    return torch.stack([ctf * torch.cos(angle), ctf * torch.sin(angle)], -1)
+
+
+_modulation_fast = maybe_compile(_modulation)
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,9 @@ class ForwardModel:
         key = ("modulation", self.grid, self.use_ctf, dtype)
         if key not in batch.cache:
             freq_invA = self.grid.freq_invA().to(device=batch.shift_A.device)
-            factor = shift_phase(freq_invA, batch.shift_A.to(torch.float64))
-            if self.use_ctf and batch.ctf is not None:
-                factor = factor * batch.ctf.to(dtype=torch.float64)(freq_invA)
-            batch.cache[key] = factor.to(torch.promote_types(dtype, torch.complex64))
+            ctf = batch.ctf.to(dtype=torch.float64).columns() if self.use_ctf and batch.ctf is not None else ()
+            factor = _modulation_fast(freq_invA, batch.shift_A.to(torch.float64), *ctf)
+            batch.cache[key] = torch.view_as_complex(factor.to(dtype).contiguous())
         return batch.cache[key]
 
     def _freq_px(self, like: Tensor) -> Tensor:
@@ -64,7 +75,21 @@ class ForwardModel:
 
     def adjoint(self, values: Tensor, batch: Batch) -> Tensor:
         """``(B, P)`` image disc values → ``(n, n, n // 2 + 1)`` back-projected map."""
-        real = values.real.dtype
-        weighted = values * self.modulation(batch, real).conj()
-        return insert(weighted, batch.rotations.to(real), self._freq_px(values), self.volume_shape,
-                      self.interp)
+        maps, _ = self.back_project(batch, values[None])
+        return maps[0]
+
+    def back_project(self, batch: Batch, values: Tensor | None = None,
+                     curvature: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Several adjoints in one scatter.
+
+        ``values (K, B, P)`` complex → ``(K, n, n, nh)`` maps S* values; ``curvature (B, P)``
+        real → the ``(n, n, nh)`` real map Σ_i Σ_k P_i(k, v)² CTF_i(k)² curvature_i(k), the data
+        term of the Hessian diagonal. Either may be None.
+        """
+        like = values if values is not None else curvature
+        real = like.real.dtype
+        modulation = self.modulation(batch, real)
+        weighted = None if values is None else values * modulation.conj()
+        squared = None if curvature is None else curvature * modulation.abs().square()
+        return insert_many(weighted, squared, batch.rotations.to(real), self._freq_px(like), self.volume_shape,
+                           self.interp)

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import shell_index
-from cryosgd.fourier.slice import insert
 from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
 
 
@@ -25,11 +24,7 @@ def exact_diagonal(objective: LeastSquares, batch: Batch, dtype=torch.float32) -
     """diag(H_B) for the batch (mean over its images, ridge included)."""
     model = objective.model
     like = batch.rotations.new_zeros((), dtype=dtype)
-    ctf2 = model.modulation(batch, dtype).abs().square()  # |CTF · phase|² = CTF²
-    values = objective.pixel_weight(like) * ctf2
-    freq = model.pad * model.grid.freq_px.to(device=like.device, dtype=dtype)
-    scattered = insert(torch.complex(values, torch.zeros_like(values)), batch.rotations.to(dtype), freq,
-                       model.volume_shape, model.interp, weight_power=2).real
+    _, scattered = model.back_project(batch, curvature=objective.pixel_weight(like))
     return scattered / len(batch) + objective.ridge(model.volume_shape, like.device, dtype)
 
 
@@ -52,5 +47,9 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype=torch.c
 
 def hutchinson_probe(objective: LeastSquares, batch: Batch, z: Tensor) -> Tensor:
     """One unbiased estimate of diag(H_B) from one H·z (real, the map's shape)."""
-    hz = objective.hvp(z, batch)
+    return probe_estimate(z, objective.hvp(z, batch))
+
+
+def probe_estimate(z: Tensor, hz: Tensor) -> Tensor:
+    """The estimate z ⊙ Hz, averaged over the real and the imaginary probe."""
     return 0.5 * (z.real * hz.real + z.imag * hz.imag)

@@ -74,11 +74,33 @@ class LeastSquares:
 
     def loss_and_gradient(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """f_B(x) and ∇f_B(x) through the explicit adjoint (one forward, one back-projection)."""
+        loss, gradient, _ = self.loss_gradient_hvp(x, batch)
+        return loss, gradient
+
+    def loss_gradient_hvp(self, x: Tensor, batch: Batch, z: Tensor | None = None):
+        """f_B(x), ∇f_B(x) and, when ``z`` is given, H_B·z (else None): both back-projections
+        share one scatter."""
         r = self.residual(x, batch)
-        gradient = self.model.adjoint(self.pixel_weight(r) * r, batch) / len(batch) + self._ridge(x) * x
-        return self.loss(x, batch, r), gradient
+        weight = self.pixel_weight(r)
+        values = [weight * r] if z is None else [weight * r, weight * self.model.forward(z, batch)]
+        maps, _ = self.model.back_project(batch, torch.stack(values))
+        gradient = maps[0] / len(batch) + self._ridge(x) * x
+        hz = None if z is None else maps[1] / len(batch) + self._ridge(z) * z
+        return self.loss(x, batch, r), gradient, hz
 
     def hvp(self, z: Tensor, batch: Batch) -> Tensor:
         """H_B · z: the gradient of the data-free loss at z."""
         predicted = self.model.forward(z, batch)
         return self.model.adjoint(self.pixel_weight(predicted) * predicted, batch) / len(batch) + self._ridge(z) * z
+
+    def data_terms(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """What the data contribute to the normal equations, in one scatter.
+
+        Returns ``c = f_B(0)`` without the ridge, ``b = −∇f_B(0) = S*(w y) / |B|`` and the
+        data term of diag(H_B) (real), so that f_B(x) = c − ⟨b, x⟩ + ½⟨x, H_B x⟩.
+        """
+        y = batch.images_ft
+        weight = self.pixel_weight(y)
+        maps, diagonal = self.model.back_project(batch, (weight * y)[None], weight)
+        c = 0.5 * (weight * (y.real.square() + y.imag.square())).sum() / len(batch)
+        return c, maps[0] / len(batch), diagonal / len(batch)

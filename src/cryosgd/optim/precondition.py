@@ -1,8 +1,9 @@
 """Diagonal preconditioners: identity, a fixed diagonal, and Hutchinson's running estimate.
 
-Each is an ``init(x) -> state`` / ``update(state, objective, batch, generator) -> (D̂, state)``
-pair; ``D̂`` is a real tensor of the map's shape (the step is ``−η ∇f / D̂``) or None for
-the identity.
+Each is ``init(x) -> state``, ``probe(state, generator) -> z`` (a probe vector, or None when
+the preconditioner needs no curvature information) and ``update(state, z, Hz) -> (D̂, state)``;
+the optimiser computes ``H·z`` on the batch together with the gradient. ``D̂`` is a real
+tensor of the map's shape (the step is ``−η ∇f / D̂``) or None for the identity.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryosgd.objective.diagonal import hutchinson_probe, rademacher
+from cryosgd.objective.diagonal import probe_estimate, rademacher
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,10 @@ class Identity:
     def init(self, x: Tensor) -> dict:
         return {}
 
-    def update(self, state: dict, objective, batch, generator) -> tuple[Tensor | None, dict]:
+    def probe(self, state: dict, generator: torch.Generator) -> None:
+        return None
+
+    def update(self, state: dict, z: None, hz: None) -> tuple[Tensor | None, dict]:
         return None, state
 
 
@@ -36,7 +40,10 @@ class FixedDiagonal:
     def init(self, x: Tensor) -> dict:
         return {}
 
-    def update(self, state: dict, objective, batch, generator) -> tuple[Tensor, dict]:
+    def probe(self, state: dict, generator: torch.Generator) -> None:
+        return None
+
+    def update(self, state: dict, z: None, hz: None) -> tuple[Tensor, dict]:
         return self.diagonal.abs().clamp(min=self.floor), state
 
 
@@ -57,11 +64,13 @@ class Hutchinson:
         d = torch.as_tensor(self.d0, dtype=real, device=x.device).expand(x.shape).clone()
         return {"count": 0, "mean": torch.zeros(x.shape, dtype=real, device=x.device), "d": d}
 
-    def update(self, state: dict, objective, batch, generator) -> tuple[Tensor, dict]:
+    def probe(self, state: dict, generator: torch.Generator) -> Tensor:
         d = state["d"]
-        z = rademacher(d.shape, generator, torch.promote_types(d.dtype, torch.complex64), d.device)
+        return rademacher(d.shape, generator, torch.promote_types(d.dtype, torch.complex64), d.device)
+
+    def update(self, state: dict, z: Tensor, hz: Tensor) -> tuple[Tensor, dict]:
         k = state["count"] + 1
-        mean = state["mean"] + (hutchinson_probe(objective, batch, z) - state["mean"]) / k
+        mean = state["mean"] + (probe_estimate(z, hz) - state["mean"]) / k
         d = self.beta * state["d"] + (1 - self.beta) * mean
         return d.abs().clamp(min=self.alpha), {"count": k, "mean": mean, "d": d}
 

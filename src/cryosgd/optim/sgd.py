@@ -32,8 +32,9 @@ class PreconditionedSGD:
 
     def update(self, x: Tensor, state: dict, objective, batch, generator: torch.Generator):
         """One step on ``batch``: returns ``(x, state, info)`` with info = loss, step size, backtracks."""
-        d_hat, precond_state = self.preconditioner.update(state["precond"], objective, batch, generator)
-        loss, gradient = objective.loss_and_gradient(x, batch)
+        z = self.preconditioner.probe(state["precond"], generator)
+        loss, gradient, hz = objective.loss_gradient_hvp(x, batch, z)
+        d_hat, precond_state = self.preconditioner.update(state["precond"], z, hz)
         direction = gradient if d_hat is None else gradient / d_hat
         decrease = float((gradient.conj() * direction).real.sum())
         eta = state["eta"] * self.growth
