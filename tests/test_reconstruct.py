@@ -85,12 +85,23 @@ def test_reconstruct_writes_gold_standard_outputs(dataset, tmp_path):
     assert pixel == pytest.approx(3.0, abs=1e-4) and half1.shape == truth.shape
     assert correlation(read_map(tmp_path / "r" / "map.mrc")[0], truth) > 0.8
     metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["epoch"], m["half"]) for m in metrics] == [(e, h) for e in (1, 2, 3) for h in (1, 2)]
+    assert [(m["epoch"], m["half"]) for m in metrics] == [(e, h) for e in (0, 1, 2, 3) for h in (1, 2)]
     rows = (tmp_path / "r" / "fsc.csv").read_text().splitlines()
     assert rows[0] == "shell,resolution_A,fsc" and len(rows) == 1 + 17
     assert "resolution (half-map FSC = 0.143)" in out
     for name in ("fsc.png", "loss.png", "checkpoint.pt", "half2.mrc"):
         assert (tmp_path / "r" / name).stat().st_size > 0
+
+
+def test_epochs_0_writes_the_one_pass_map_and_sgd_improves_it(dataset, tmp_path):
+    truth, _ = read_map(dataset.parent / "ground_truth.mrc")
+    assert _reconstruct(dataset, tmp_path / "p", "--epochs", 0, "--interp", "nearest")[0] == 0
+    assert _reconstruct(dataset, tmp_path / "s", "--epochs", 2, "--interp", "nearest")[0] == 0
+    one_pass = correlation(read_map(tmp_path / "p" / "map.mrc")[0], truth)
+    refined = correlation(read_map(tmp_path / "s" / "map.mrc")[0], truth)
+    assert one_pass > 0.7 and refined >= one_pass - 0.01
+    code, out = _reconstruct(dataset, tmp_path / "c", "--epochs", 0, "--method", "pcg")
+    assert code == 2 and "--epochs 0" in out
 
 
 def test_fourier_cropped_reconstruction_has_the_working_pixel_size(dataset, tmp_path):

@@ -94,14 +94,15 @@ def reconstruct(
     star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Particles with known poses (STAR 3.0/3.1)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     method: str = typer.Option("algorithm1", help="algorithm1, sgd, exact-diag, cg or pcg (CG preconditioned by the exact diagonal)."),
-    epochs: int = typer.Option(3, help="Passes over the data (CG: iterations)."),
+    epochs: int = typer.Option(3, help="Passes over the data after the first (CG: iterations); 0 writes the one-pass map."),
     batch_size: int = typer.Option(256, help="Images per step."),
     interp: str = Interp,
     box: Optional[int] = typer.Option(None, help="Working box (px): Fourier-crop the images to it."),
     l2: float = typer.Option(1e-8, help="Ridge weight λ."),
     prior: str = typer.Option("wiener", help="wiener (per-shell ridge from the half-map FSC, as RELION's τ²) or none."),
     shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean curvature."),
-    d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (one extra pass) or one (the paper)."),
+    d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (from the first pass) or one (the paper)."),
+    start: str = typer.Option("backprojection", help="SGD methods' first map: backprojection (the one-pass map b / diag H) or zero (the paper)."),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
     device: Optional[str] = Device,
     seed: int = typer.Option(0, help="Random seed (batch order, probes, half-set split)."),
@@ -113,7 +114,7 @@ def reconstruct(
 
     settings = ReconstructionSettings(method=method, epochs=epochs, batch_size=batch_size,
                                       interp=_check_interp(interp), work_box_px=box, l2=l2, prior=prior,
-                                      shell_ridge=shell_ridge, d0=d0, seed=seed)
+                                      shell_ridge=shell_ridge, d0=d0, start=start, seed=seed)
     result = run(star, output, settings, resume=resume, device=device, pixel_A=pixel_size)
     typer.echo(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å")
     typer.echo(f"maps: {output / 'map.mrc'}, {output / 'half1.mrc'}, {output / 'half2.mrc'}; "

@@ -47,7 +47,7 @@ def save_loss_plot(path: str | Path, metrics: list[dict]) -> Path:
     """Full-data loss of each half-set per epoch (log scale)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for half in sorted({m["half"] for m in metrics}):
-        rows = [m for m in metrics if m["half"] == half]
+        rows = [m for m in metrics if m["half"] == half and m["loss"] is not None]
         ax.semilogy([m["epoch"] for m in rows], [m["loss"] for m in rows], "-o", label=f"half {half}")
     ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
     ax.legend()

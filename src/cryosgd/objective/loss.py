@@ -90,8 +90,13 @@ class LeastSquares:
 
     def hvp(self, z: Tensor, batch: Batch) -> Tensor:
         """H_B · z: the gradient of the data-free loss at z."""
-        predicted = self.model.forward(z, batch)
-        return self.model.adjoint(self.pixel_weight(predicted) * predicted, batch) / len(batch) + self._ridge(z) * z
+        return self.hvp_many(z[None], batch)[0]
+
+    def hvp_many(self, z: Tensor, batch: Batch) -> Tensor:
+        """H_B · z_j for a stack ``z (K, n, n, nh)``, with one scatter."""
+        predicted = torch.stack([self.model.forward(v, batch) for v in z])
+        maps, _ = self.model.back_project(batch, self.pixel_weight(predicted) * predicted)
+        return maps / len(batch) + self._ridge(z[0]) * z
 
     def data_terms(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """What the data contribute to the normal equations, in one scatter.

@@ -27,7 +27,8 @@ from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import apodization
 from cryosgd.io.mrc import write_map
-from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch, set_prior
+from cryosgd.recon.known_pose import (HalfSet, ReconstructionSettings, init_half, one_pass_map, run_epoch,
+                                     set_prior)
 from cryosgd.report import save_fsc_plot, save_loss_plot, write_lines
 
 
@@ -105,35 +106,70 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
     grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px)
     halves = [HalfSet(table.subset(index), stack.subset(index), grid, settings, h, device, dtype)
               for h, index in enumerate(split_halves(table, settings.seed), start=1)]
-    states, metrics, first = _start(out_dir / "checkpoint.pt", halves, settings, len(table), resume, device)
-    progress = _Progress(sum(h.steps_per_epoch for h in halves) * (settings.epochs - first + 1))
+    checkpoint = _Checkpoint(out_dir, settings, len(table))
+    progress = _Progress(sum(h.steps_per_epoch for h in halves) * settings.epochs + 2)
     try:
-        for epoch in range(first, settings.epochs + 1):
+        states, metrics = checkpoint.load(device) if resume and checkpoint.exists() else ([], [])
+        if not states:
+            states = [init_half(h) for h in halves]
+            for _ in halves:
+                progress.advance()
+            if settings.prior == "wiener":  # τ² from the one-pass maps
+                states = _with_prior(halves, states, [one_pass_map(h, s) for h, s in zip(halves, states)])
+            metrics = checkpoint.save(states, metrics, progress)
+        for epoch in range(states[0]["epoch"] + 1, settings.epochs + 1):
             if settings.prior == "wiener" and epoch > 1:  # τ² from the maps so far, as a resumed run sees it
-                curve = torch.as_tensor(fsc_of_ft(states[0]["x"], states[1]["x"], grid.work_box_px))
-                states = [set_prior(h, s, curve / (1 - curve)) for h, s in zip(halves, states)]
+                states = _with_prior(halves, states, [s["x"] for s in states])
             states = [run_epoch(h, s, epoch, progress.advance) for h, s in zip(halves, states)]
-            metrics += [s.pop("metrics") for s in states]
-            save_checkpoint(out_dir / "checkpoint.pt", {"settings": dataclasses.asdict(settings), "epoch": epoch,
-                                                        "n_particles": len(table), "halves": states,
-                                                        "metrics": metrics})
-            write_lines(out_dir / "metrics.jsonl", [json.dumps(m) for m in metrics])
-            row = metrics[-2:]
-            progress.line(f"epoch {epoch}/{settings.epochs}: loss {row[0]['loss']:.6g} / {row[1]['loss']:.6g}, "
-                          f"step {row[0]['step_size']:.3g}, {row[0]['seconds'] + row[1]['seconds']:.1f} s")
+            metrics = checkpoint.save(states, metrics, progress)
     finally:
         progress.close()
     return _write_outputs(out_dir, grid, [map_of(s["x"], grid, settings.interp) for s in states], metrics)
 
 
-def _start(path: Path, halves, settings, n_particles: int, resume: bool, device):
-    if resume and path.exists():
-        saved = load_checkpoint(path, device)
-        if saved["settings"] != {**dataclasses.asdict(settings), "epochs": saved["settings"]["epochs"]} \
-                or saved["n_particles"] != n_particles:
-            raise InputError(path, "--resume: the checkpoint was made with other settings or particles")
-        return saved["halves"], saved["metrics"], saved["epoch"] + 1
-    return [init_half(h) for h in halves], [], 1
+def _with_prior(halves: list[HalfSet], states: list[dict], maps: list[torch.Tensor]) -> list[dict]:
+    """Both halves' states under the Wiener prior estimated from the FSC of ``maps``."""
+    curve = torch.as_tensor(fsc_of_ft(maps[0], maps[1], halves[0].grid.work_box_px))
+    return [set_prior(h, s, curve / (1 - curve)) for h, s in zip(halves, states)]
+
+
+@dataclass
+class _Checkpoint:
+    """``checkpoint.pt`` and ``metrics.jsonl`` of a run, rewritten atomically after every epoch."""
+
+    out_dir: Path
+    settings: ReconstructionSettings
+    n_particles: int
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self, device) -> tuple[list[dict], list[dict]]:
+        saved = load_checkpoint(self.path, device)
+        if saved["settings"] != {**dataclasses.asdict(self.settings), "epochs": saved["settings"]["epochs"]} \
+                or saved["n_particles"] != self.n_particles:
+            raise InputError(self.path, "--resume: the checkpoint was made with other settings or particles")
+        return saved["halves"], saved["metrics"]
+
+    def save(self, states: list[dict], metrics: list[dict], progress: _Progress) -> list[dict]:
+        """Move the states' metrics into ``metrics``, save both files, report; returns ``metrics``."""
+        metrics = metrics + [s.pop("metrics") for s in states]
+        epoch = states[0]["epoch"]
+        save_checkpoint(self.path, {"settings": dataclasses.asdict(self.settings), "epoch": epoch,
+                                    "n_particles": self.n_particles, "halves": states, "metrics": metrics})
+        write_lines(self.out_dir / "metrics.jsonl", [json.dumps(m) for m in metrics])
+        row = metrics[-2:]
+        seconds = row[0]["seconds"] + row[1]["seconds"]
+        if epoch == 0:
+            progress.line(f"epoch 0/{self.settings.epochs}: one pass (b = S*y, diag H), {seconds:.1f} s")
+        else:
+            progress.line(f"epoch {epoch}/{self.settings.epochs}: loss {row[0]['loss']:.6g} / {row[1]['loss']:.6g}, "
+                          f"step {row[0]['step_size']:.3g}, {seconds:.1f} s")
+        return metrics
 
 
 def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], metrics) -> ReconstructionResult:

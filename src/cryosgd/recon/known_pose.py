@@ -1,8 +1,12 @@
 """Known-pose reconstruction of one half-set by (preconditioned) SGD or CG.
 
-The map is the rfft half-grid of the working box, starting from zero. An epoch visits every
-particle of the half-set once in a random order drawn from (seed, half, epoch), so a run
-resumed from an epoch checkpoint repeats exactly what an uninterrupted run does.
+The map is the rfft half-grid of the working box. One pass over the data (epoch 0) scatters
+b = S*y and the exact data term of diag(H) together; the one-pass map b / (diag(H) + ridge),
+RELION's reconstruction up to its gridding iterations, is where the SGD methods start
+(``start="backprojection"``; ``"zero"`` is the paper's start). CG starts from zero: its first
+iterate is already the best multiple of that map. An epoch visits every particle of the
+half-set once in a random order drawn from (seed, half, epoch), so a run resumed from an
+epoch checkpoint repeats exactly what an uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.model.forward import ForwardModel
-from cryosgd.objective.diagonal import exact_diagonal, shell_means
+from cryosgd.objective.diagonal import shell_means
 from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
 from cryosgd.optim.cg import ConjugateGradient
 from cryosgd.optim.precondition import shell_threshold
@@ -43,7 +47,8 @@ class ReconstructionSettings:
     l2: float = 1e-8
     prior: str = "wiener"  # "wiener": per-shell ridge from the half-map FSC after each epoch; "none"
     shell_ridge: float = 1e-3  # plus this fraction of each shell's mean curvature (RELION's floor)
-    d0: str = "exact"  # Algorithm 1's start: "one" (the paper) or "exact" (one scatter pass)
+    d0: str = "exact"  # Algorithm 1's initial diagonal: "one" (the paper) or "exact" (from epoch 0's pass)
+    start: str = "backprojection"  # the SGD methods' first map: "backprojection" (one-pass map) or "zero"
     seed: int = 0
 
     def __post_init__(self):
@@ -53,8 +58,13 @@ class ReconstructionSettings:
             raise InputError(None, f"--prior {self.prior}: expected wiener or none")
         if self.d0 not in ("one", "exact"):
             raise InputError(None, f"--d0 {self.d0}: expected one or exact")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError(None, "--epochs and --batch-size must be positive")
+        if self.start not in ("backprojection", "zero"):
+            raise InputError(None, f"--start {self.start}: expected backprojection or zero")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise InputError(None, "--epochs must be ≥ 0 and --batch-size positive")
+        if self.epochs == 0 and (self.method in _FULL_BATCH or self.start == "zero"):
+            raise InputError(None, "--epochs 0 writes the one-pass map: it needs an SGD method and "
+                                   "--start backprojection")
 
 
 class HalfSet:
@@ -110,18 +120,26 @@ def make_optimizer(half: HalfSet, diagonal: Tensor | None):
 
 
 def init_half(half: HalfSet) -> dict:
-    """Epoch-0 state of one half: the map, the data part of diag(H) (one pass), the ridge and
-    the optimiser's state. It holds tensors and numbers only: it is what checkpoints store.
+    """Epoch-0 state of one half from one pass over the data: b = S*y, f(0) and diag(H)'s data
+    part, then the floor ridge, the start map and the optimiser's state. It holds tensors and
+    numbers only: it is what checkpoints store.
     """
+    start = time.perf_counter()
     half.objective.l2 = 0.0
+    c, b, data_diagonal = half.full_mean(half.objective.data_terms)
     x = half.zeros()
-    data_diagonal = half.full_mean(lambda b: exact_diagonal(half.objective, b, half.dtype))
-    state = {"x": x, "opt": None, "data_diagonal": data_diagonal, "shell_weight": shell_means(data_diagonal),
-             "ridge": torch.zeros((), dtype=half.dtype, device=x.device)}
-    if half.settings.method in _FULL_BATCH:  # f(0) = c and ∇f(0) = −b, in one pass
-        c, gradient = half.full_mean(lambda b: half.objective.loss_and_gradient(x, b))
-        state.update(c=float(c), b=-gradient)
-    return set_prior(half, state, ssnr=None)
+    state = {"x": x, "epoch": 0, "opt": None, "c": float(c), "b": b, "data_diagonal": data_diagonal,
+             "shell_weight": shell_means(data_diagonal), "ridge": torch.zeros((), dtype=half.dtype, device=x.device)}
+    state = set_prior(half, state, ssnr=None)
+    state["metrics"] = {"epoch": 0, "half": half.half, "loss": None, "step_size": None,
+                        "seconds": time.perf_counter() - start}
+    return state
+
+
+def one_pass_map(half: HalfSet, state: dict) -> Tensor:
+    """b / (diag(H) + ridge): the least-squares map if H were diagonal (for nearest, it is)."""
+    x = state["x"]
+    return state["b"] / (state["data_diagonal"] + half.objective.ridge(x.shape, x.device, half.dtype))
 
 
 def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
@@ -129,6 +147,7 @@ def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
 
     ``w̄`` is the shell mean of diag(H)'s data part and SSNR = FSC/(1 − FSC) of the half maps
     (RELION's τ² = SSNR / w̄), floored at 1e-3; ``ssnr=None`` leaves the floor ridge only.
+    Before the first epoch, the SGD methods' start map is recomputed under the new ridge.
     A full-batch method restarts CG on the new system; its residual r = b − Hx changes by
     exactly −(R_new − R_old)·x, so no pass over the data is needed.
     """
@@ -144,8 +163,11 @@ def set_prior(half: HalfSet, state: dict, ssnr: Tensor | None) -> dict:
         multiplicity = voxel_multiplicity(x.shape, x.device, half.dtype)
         opt = ConjugateGradient(diagonal).init(residual - (ridge - state["ridge"]) * multiplicity * x)
     else:
-        opt = state["opt"] if state["opt"] is not None else make_optimizer(half, diagonal).init(x)
-    return {**state, "opt": opt, "diagonal": diagonal, "ridge": ridge}
+        opt = state["opt"]
+        if state["epoch"] == 0:
+            x = one_pass_map(half, state) if s.start == "backprojection" else x
+            opt = make_optimizer(half, diagonal).init(x)
+    return {**state, "x": x, "opt": opt, "diagonal": diagonal, "ridge": ridge}
 
 
 def _per_shell(ssnr: Tensor, n_shells: int) -> Tensor:
@@ -180,4 +202,4 @@ def run_epoch(half: HalfSet, state: dict, epoch: int, on_batch: Callable[[], Non
         loss = float(half.full_mean(lambda b: half.objective.loss(x, b)))
     metrics = {"epoch": epoch, "half": half.half, "loss": loss, "step_size": float(np.median(steps)),
                "seconds": time.perf_counter() - start}
-    return {**state, "x": x, "opt": opt, "metrics": metrics}
+    return {**state, "x": x, "epoch": epoch, "opt": opt, "metrics": metrics}
