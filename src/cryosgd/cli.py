@@ -95,7 +95,7 @@ def reconstruct(
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     method: str = typer.Option("algorithm1", help="algorithm1, sgd, exact-diag, cg or pcg (CG preconditioned by the exact diagonal)."),
     epochs: int = typer.Option(3, help="Passes over the data after the first (CG: iterations); 0 writes the one-pass map."),
-    batch_size: int = typer.Option(256, help="Images per step."),
+    batch_size: int = typer.Option(1000, help="Images per step (the paper: 1000)."),
     interp: str = Interp,
     box: Optional[int] = typer.Option(None, help="Working box (px): Fourier-crop the images to it."),
     l2: float = typer.Option(1e-8, help="Ridge weight λ."),
@@ -144,6 +144,39 @@ def fsc(
         typer.echo(f"{i:5d}  {r:12.2f}  {f:7.4f}")
     typer.echo(f"resolution at FSC 0.5: {curve.resolution_at(0.5):.2f} Å")
     typer.echo(f"resolution at FSC 0.143: {curve.resolution_at(0.143):.2f} Å")
+
+
+@app.command()
+@_one_line_errors
+def hessian(
+    star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Particles with poses (and CTFs)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    interp: str = Interp,
+    method: str = typer.Option("exact", help="exact (one scatter of squared weights) or hutchinson."),
+    probes: int = typer.Option(100, help="Hutchinson probes (one H·z on one batch each)."),
+    no_ctf: bool = typer.Option(False, "--no-ctf", help="Ignore the CTF (H of the projections alone)."),
+    box: Optional[int] = typer.Option(None, help="Working box (px): the Fourier-cropped grid to analyse."),
+    l2: float = typer.Option(1e-8, help="Ridge λ added to H."),
+    batch_size: int = typer.Option(1000, help="Images per pass (and per Hutchinson probe)."),
+    lanczos_iterations: int = typer.Option(30, help="Lanczos steps for κ of H and D⁻¹H (trilinear; 0: skip)."),
+    lanczos_radii: int = typer.Option(6, help="Ball radii for the Lanczos estimates."),
+    pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
+    device: Optional[str] = Device,
+    seed: int = typer.Option(0),
+):
+    """Hessian diagonal (MRC), its radial profile and κ(R), as in the paper's conditioning analysis."""
+    from cryosgd.analysis.conditioning import HessianSettings, analyse
+
+    settings = HessianSettings(interp=_check_interp(interp), method=method, probes=probes, use_ctf=not no_ctf,
+                               work_box_px=box, l2=l2, batch_size=batch_size, lanczos_iterations=lanczos_iterations,
+                               lanczos_radii=lanczos_radii, seed=seed)
+    report = analyse(star, output, settings, pixel_A=pixel_size, device=device)
+    r = len(report.radii) - 1
+    typer.echo(f"κ of diag(H) at R = {int(report.radii[r])}: {report.kappa_diagonal[r]:.4g} "
+               f"(bound {report.bound[r]:.4g})")
+    for radius, (kappa_h, kappa_p) in sorted(report.lanczos.items()):
+        typer.echo(f"R = {radius}: κ(H) ≥ {kappa_h:.4g}, κ(D⁻¹H) ≥ {kappa_p:.4g} (Lanczos)")
+    typer.echo(f"wrote {output / 'hessian_diagonal.mrc'}, radial_profile.csv/png, kappa.csv/png")
 
 
 @app.command()

@@ -54,6 +54,31 @@ def save_loss_plot(path: str | Path, metrics: list[dict]) -> Path:
     return _save(fig, path)
 
 
+def save_curves(path: str | Path, x: np.ndarray, curves: dict[str, np.ndarray], *, xlabel: str, ylabel: str,
+                title: str, log: bool = False, markers: dict[str, tuple] | None = None) -> Path:
+    """Labelled curves over a common x (lines), plus labelled point sets ``{label: (x, y)}``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, y in curves.items():
+        ax.plot(x, y, "-", label=label)
+    for label, (mx, my) in (markers or {}).items():
+        ax.plot(mx, my, "o", label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def save_heatmap(path: str | Path, values: np.ndarray, *, xlabel: str, ylabel: str, title: str,
+                 vmin: float = 0.0, vmax: float = 1.0) -> Path:
+    """A ``(rows, columns)`` array as an image, rows along y (e.g. epochs × shells)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    image = ax.imshow(values, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="viridis")
+    fig.colorbar(image, ax=ax)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -41,13 +41,14 @@ class ReconstructionSettings:
 
     method: str = "algorithm1"
     epochs: int = 3
-    batch_size: int = 256
+    batch_size: int = 1000  # the paper's; smaller batches add SGD noise to the start map
     interp: str = "trilinear"
     work_box_px: int | None = None
     l2: float = 1e-8
     prior: str = "wiener"  # "wiener": per-shell ridge from the half-map FSC after each epoch; "none"
     shell_ridge: float = 1e-3  # plus this fraction of each shell's mean curvature (RELION's floor)
     d0: str = "exact"  # Algorithm 1's initial diagonal: "one" (the paper) or "exact" (from epoch 0's pass)
+    use_ctf: bool = True  # False: ignore the CTF columns
     start: str = "backprojection"  # the SGD methods' first map: "backprojection" (one-pass map) or "zero"
     seed: int = 0
 
@@ -68,13 +69,14 @@ class ReconstructionSettings:
 
 
 class HalfSet:
-    """The particles of one half-set, their images and the objective on the working grid."""
+    """The particles of one half-set, their images (none if ``stack`` is None: poses and CTFs
+    suffice for H) and the objective on the working grid."""
 
-    def __init__(self, table: ParticleTable, stack: ImageStack, grid: FourierGrid,
+    def __init__(self, table: ParticleTable, stack: ImageStack | None, grid: FourierGrid,
                  settings: ReconstructionSettings, half: int, device=None, dtype=torch.float32):
         self.table, self.stack, self.grid, self.half = table, stack, grid, half
         self.settings, self.device, self.dtype = settings, device, dtype
-        model = ForwardModel(grid, settings.interp, use_ctf=table.has_ctf)
+        model = ForwardModel(grid, settings.interp, use_ctf=table.has_ctf and settings.use_ctf)
         self.objective = LeastSquares(model, l2=settings.l2)
 
     def __len__(self) -> int:
