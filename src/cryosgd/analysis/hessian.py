@@ -5,7 +5,9 @@ full-grid voxel, the paper's normalisation: a half-grid voxel with 0 < kx < n/2 
 the voxels k and −k, so the full-grid entry is its diagonal divided by m₃ = 2; on the planes
 kx = 0 and kx = n/2 the entries of k and −k are averaged (a real map ties them together).
 
-κ(R) is computed on the ball |k| ≤ R (voxel units, R = 1 … n/2 − 1). A voxel of the ball
+κ(R) is computed on the ball of the first R RELION shells, |k| < R − ½ (voxel units,
+R = 1 … n/2 − 1), as the paper's figures (x value r, radius r − ½). Voxels nearer to the
+disc's edge get fewer hits, from one side only, and would make κ track lattice accidents. A voxel of the ball
 that no image samples keeps H = λ, so κ ≈ max H / λ there: it is reported, not hidden.
 The bound (1 + λ)/(p + λ), p = n₂(R)/n₃(R) (pixels in the disc over voxels in the ball), is
 the paper's lower bound for nearest-neighbour interpolation without CTF.
@@ -71,12 +73,12 @@ def radial_profile(full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def kappa_of_diagonal(full: Tensor, radii: Tensor) -> Tensor:
-    """max/min of a full-grid diagonal over each ball |k| ≤ R (``radii`` in voxel units)."""
+    """max/min of a full-grid diagonal over each ball |k| < R − ½ (``radii`` in voxel units)."""
     radius = radius_px(full.shape[0], full.device).flatten()
     values = full.flatten().double()
     order = torch.argsort(radius)
     radius, values = radius[order], values[order]
-    last = torch.searchsorted(radius, radii.double() + 1e-9) - 1
+    last = torch.searchsorted(radius, radii.double() - 0.5 - 1e-9) - 1
     return torch.cummax(values, 0).values[last] / torch.cummin(values, 0).values[last]
 
 
@@ -93,7 +95,7 @@ def kappa_bound(radii: Tensor, l2: float) -> Tensor:
 
 class RestrictedHessian:
     """``x (K, n, n, nh) ↦ B_K P S H S P B_K x``: H in the variables ``S⁻¹ x`` of real maps,
-    restricted to the balls |k| ≤ R_K (P: :func:`hermitian`; B and P commute since k and −k
+    restricted to the balls |k| < R_K − ½ (P: :func:`hermitian`; B and P commute since k and −k
     share |k|).
 
     ``scale`` S is ``m₃^{-1/2}`` for H in the full-grid normalisation, or ``(diag H)^{-1/2}``
@@ -105,7 +107,7 @@ class RestrictedHessian:
         self.objective, self.mean_over_data, self.scale = objective, mean_over_data, scale
         n = scale.shape[0]
         shells = radius_px(n, scale.device)[..., : n // 2 + 1]
-        self.balls = (shells[None] <= radii.to(scale.device)[:, None, None, None] + 1e-9).to(scale.dtype)
+        self.balls = (shells[None] < radii.to(scale.device)[:, None, None, None] - 0.5 - 1e-9).to(scale.dtype)
 
     def restrict(self, x: Tensor) -> Tensor:
         return hermitian(self.balls * x)

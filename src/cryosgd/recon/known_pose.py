@@ -47,6 +47,8 @@ class ReconstructionSettings:
     l2: float = 1e-8
     prior: str = "wiener"  # "wiener": per-shell ridge from the half-map FSC after each epoch; "none"
     shell_ridge: float = 1e-3  # plus this fraction of each shell's mean curvature (RELION's floor)
+    beta: float = 0.9  # Algorithm 1's exponential-average weight
+    alpha: float | None = None  # Algorithm 1's threshold; None: the paper's 1/(most voxels in a √3 shell)
     d0: str = "exact"  # Algorithm 1's initial diagonal: "one" (the paper) or "exact" (from epoch 0's pass)
     use_ctf: bool = True  # False: ignore the CTF columns
     start: str = "backprojection"  # the SGD methods' first map: "backprojection" (one-pass map) or "zero"
@@ -118,7 +120,8 @@ def make_optimizer(half: HalfSet, diagonal: Tensor | None):
         return plain_sgd()
     if s.method == "exact-diag":
         return exact_diagonal_sgd(diagonal)
-    return algorithm1(alpha=shell_threshold(half.grid.work_box_px), d0=1.0 if diagonal is None else diagonal)
+    alpha = shell_threshold(half.grid.work_box_px) if s.alpha is None else s.alpha
+    return algorithm1(beta=s.beta, alpha=alpha, d0=1.0 if diagonal is None else diagonal)
 
 
 def init_half(half: HalfSet) -> dict:
