@@ -72,9 +72,9 @@ def fsc_row(path: Path, truth: np.ndarray, pixel_A: float) -> tuple[float, np.nd
 def convergence_epochs(star: Path, box: int, methods: list[str], epochs: int, threshold: float = 0.9):
     """Epochs each SGD method needs for FSC > threshold against the converged map in the outer shells."""
 
-    from cryosgd.analysis.fsc import fsc_of_ft
+    from cryosgd.analysis.convergence import converged, epochs_to, trace
     from cryosgd.fourier.grids import FourierGrid
-    from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch
+    from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings
 
     table = read_particles(star)
     stack = ImageStack(table)
@@ -85,22 +85,12 @@ def convergence_epochs(star: Path, box: int, methods: list[str], epochs: int, th
         settings = ReconstructionSettings(method=method, prior="none", batch_size=1000)
         return HalfSet(table.subset(half_index), stack.subset(half_index), grid, settings, half=1)
 
-    reference = half_for("pcg")
-    state = init_half(reference)
-    for epoch in range(1, 61):
-        state = run_epoch(reference, state, epoch)
-    converged = state["x"]
+    reference = converged(half_for("pcg"), 60)
     outer = slice(box // 4, box // 2 - 1)
     result = {}
     for method in methods:
-        half = half_for(method)
-        state, reached = init_half(half), None
-        for epoch in range(1, epochs + 1):
-            state = run_epoch(half, state, epoch)
-            curve = fsc_of_ft(state["x"], converged, box)
-            if reached is None and np.all(curve[outer] > threshold):
-                reached = epoch
-        result[method] = (reached, float(np.min(curve[outer])))
+        curves = trace(half_for(method), reference, epochs).fsc
+        result[method] = (epochs_to(curves, threshold, outer), float(np.min(curves[-1, outer])))
     return result
 
 
@@ -144,7 +134,7 @@ def main() -> None:
         print(f"\nepochs to FSC > 0.9 against the converged map, shells {n // 4}..{n // 2 - 2} (prior none):")
         sgd_methods = sorted({r.partition(":")[0] for r in args.runs} - {"cg", "pcg"})
         for method, (reached, worst) in convergence_epochs(star, n, sgd_methods, 10).items():
-            print(f"  {method:<12} {reached if reached else '> 10':>5}   (min FSC after 10 epochs {worst:.3f})")
+            print(f"  {method:<12} {'> 10' if reached is None else reached:>5}   (min FSC after 10 epochs {worst:.3f})")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryosgd.analysis.conditioning import exact_hessian_diagonal, hutchinson_estimates
 from cryosgd.analysis.convergence import converged, epochs_to, trace
 from cryosgd.analysis.hessian import full_grid, kappa_bound, kappa_of_diagonal, radial_profile
 from cryosgd.data.particles import read_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.model.simulate import SimulationSettings, random_table, simulate
-from cryosgd.objective.diagonal import exact_diagonal, hutchinson_probe, rademacher
 from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings
 from cryosgd.report import save_curves, save_heatmap, write_lines
 
@@ -46,8 +46,7 @@ def nn_diagonal(n: int, images: int, seed: int, use_ctf: bool, box_A: float = 40
     table = random_table(SimulationSettings(n_particles=images, seed=seed), box_A / n, n)
     grid = FourierGrid.create(n, box_A / n)
     settings = ReconstructionSettings(interp="nearest", batch_size=2000, use_ctf=use_ctf)
-    half = HalfSet(table, None, grid, settings, 0, dtype=torch.float64)
-    return full_grid(half.full_mean(lambda b: exact_diagonal(half.objective, b, torch.float64)))
+    return full_grid(exact_hessian_diagonal(HalfSet(table, None, grid, settings, 0, dtype=torch.float64)))
 
 
 def part_a_b(out: Path, grids: list[int], images: int, seeds: int) -> dict:
@@ -91,24 +90,21 @@ def dataset(out: Path, n: int, particles: int) -> tuple:
 def part_c(out: Path, table, grid: FourierGrid, batch: int, epochs: int) -> dict:
     settings = ReconstructionSettings(batch_size=batch)
     half = HalfSet(table, None, grid, settings, 0, dtype=torch.float64)
-    exact = half.full_mean(lambda b: exact_diagonal(half.objective, b, torch.float64))
+    exact = exact_hessian_diagonal(half)
     inside = exact > 1e-6 * exact.max()  # the ball; outside it D* = λ m₃ exactly
-    generator = torch.Generator().manual_seed(0)
-    total, count, errors = torch.zeros_like(exact), 0, []
-    for epoch in range(1, epochs + 1):
-        for b in half.batches(epoch):
-            z = rademacher(exact.shape, generator, torch.complex128)
-            total += hutchinson_probe(half.objective, b, z)
-            count += 1
-        estimate = total / count
-        errors.append(float(torch.linalg.norm((estimate - exact)[inside]) / torch.linalg.norm(exact[inside])))
+    errors = []
+    for probes, estimate in enumerate(hutchinson_estimates(half), start=1):
+        if probes % half.steps_per_epoch == 0:
+            errors.append(float(torch.linalg.norm((estimate - exact)[inside]) / torch.linalg.norm(exact[inside])))
+            if len(errors) == epochs:
+                break
     e = np.arange(1, epochs + 1)
     slope, intercept = np.polyfit(np.log(e), np.log(errors), 1)
     write_lines(out / "c_hutchinson_error.csv", ["epoch,relative_error"] + [f"{i},{x:.6g}" for i, x in zip(e, errors)])
     save_curves(out / "c_hutchinson_error.png", e, {"‖D_k − D*‖/‖D*‖": errors,
                                                     f"{np.exp(intercept):.3f}/√epochs": np.exp(intercept) / np.sqrt(e)},
                 xlabel="epochs", ylabel="relative error", title="(c) Hutchinson estimate of diag(H)", log=True)
-    return {"slope": float(slope), "c": float(np.exp(intercept)), "errors": {int(i): errors[i - 1] for i in (1, 10, epochs)}}
+    return {"slope": float(slope), "c": float(np.exp(intercept)), "errors": {i: errors[i - 1] for i in sorted({1, min(10, epochs), epochs})}}
 
 
 def part_d_e(out: Path, table, stack, grid: FourierGrid, batch: int, epochs: int, cg_iterations: int) -> dict:

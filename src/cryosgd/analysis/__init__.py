@@ -1,1 +1,1 @@
-"""Analysis: Fourier shell correlation, (later) conditioning."""
+"""Analysis: Fourier shell correlation, the Hessian and its conditioning, convergence traces."""

@@ -16,7 +16,9 @@ Outputs in ``out_dir``:
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,21 +100,29 @@ def _box_px(table) -> int:
 
 def _diagonal(half: HalfSet, settings: HessianSettings) -> torch.Tensor:
     """Half-grid diag(H), mean over images, ridge included: exact, or Hutchinson's estimate."""
-    objective = half.objective
     if settings.method == "exact":
-        return half.full_mean(lambda b: exact_diagonal(objective, b, half.dtype))
-    generator = torch.Generator(device=half.device).manual_seed(settings.seed)
+        return exact_hessian_diagonal(half)
+    return next(itertools.islice(hutchinson_estimates(half, settings.seed), settings.probes - 1, None))
+
+
+def exact_hessian_diagonal(half: HalfSet) -> torch.Tensor:
+    """diag(H) over all of ``half``'s images (mean over images, ridge included), one pass."""
+    return half.full_mean(lambda batch: exact_diagonal(half.objective, batch, half.dtype))
+
+
+def hutchinson_estimates(half: HalfSet, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Hutchinson's running estimate of diag(H) after each probe: one H·z per batch, epoch after
+    epoch (the batch order of epoch e as in training)."""
+    generator = torch.Generator(device=half.device).manual_seed(seed)
     complex_dtype = torch.promote_types(half.dtype, torch.complex64)
-    total, done = None, 0
-    while done < settings.probes:
-        for batch in half.batches(epoch=done):
+    total, count = None, 0
+    for epoch in itertools.count(1):
+        for batch in half.batches(epoch):
             z = rademacher(half.grid.volume_shape, generator, complex_dtype, half.device)
-            estimate = hutchinson_probe(objective, batch, z)
+            estimate = hutchinson_probe(half.objective, batch, z)
             total = estimate if total is None else total + estimate
-            done += 1
-            if done == settings.probes:
-                break
-    return total / settings.probes
+            count += 1
+            yield total / count
 
 
 def _lanczos(half: HalfSet, diagonal: torch.Tensor, settings: HessianSettings) -> dict:
@@ -146,9 +156,8 @@ def _write_profile(out_dir: Path, full: torch.Tensor, step_invA: float) -> None:
 def _write_kappa(out_dir: Path, radii, kappa, bound, lanczos: dict, step_invA: float) -> None:
     rows = ["R,resolution_A,kappa_diagonal,bound,kappa_lanczos,kappa_preconditioned"]
     for r, k, b in zip(radii, kappa, bound):
-        h, p = lanczos.get(int(r), ("", ""))
-        rows.append(f"{int(r)},{_resolution(r, step_invA):.4g},{k:.6g},{b:.6g},{h if h == '' else f'{h:.6g}'},"
-                    f"{p if p == '' else f'{p:.6g}'}")
+        estimates = [f"{v:.6g}" for v in lanczos.get(int(r), ())] or ["", ""]
+        rows.append(",".join([f"{int(r)}", f"{_resolution(r, step_invA):.4g}", f"{k:.6g}", f"{b:.6g}", *estimates]))
     write_lines(out_dir / "kappa.csv", rows)
     curves = {"κ of diag(H)": kappa, "bound (1+λ)/(p+λ)": bound}
     markers = {}

@@ -107,21 +107,25 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
     halves = [HalfSet(table.subset(index), stack.subset(index), grid, settings, h, device, dtype)
               for h, index in enumerate(split_halves(table, settings.seed), start=1)]
     checkpoint = _Checkpoint(out_dir, settings, len(table))
-    progress = _Progress(sum(h.steps_per_epoch for h in halves) * settings.epochs + 2)
+    states, metrics = checkpoint.load(device) if resume and checkpoint.exists() else ([], [])
+    done = states[0]["epoch"] if states else -1  # -1: not even the first pass
+    progress = _Progress(sum(h.steps_per_epoch for h in halves) * (settings.epochs - max(done, 0))
+                         + (len(halves) if done < 0 else 0))
     try:
-        states, metrics = checkpoint.load(device) if resume and checkpoint.exists() else ([], [])
-        if not states:
+        if done < 0:
             states = [init_half(h) for h in halves]
             for _ in halves:
                 progress.advance()
             if settings.prior == "wiener":  # τ² from the one-pass maps
                 states = _with_prior(halves, states, [one_pass_map(h, s) for h, s in zip(halves, states)])
-            metrics = checkpoint.save(states, metrics, progress)
+            metrics = checkpoint.save(states, metrics)
+            progress.line(_epoch_line(metrics, settings.epochs))
         for epoch in range(states[0]["epoch"] + 1, settings.epochs + 1):
             if settings.prior == "wiener" and epoch > 1:  # τ² from the maps so far, as a resumed run sees it
                 states = _with_prior(halves, states, [s["x"] for s in states])
             states = [run_epoch(h, s, epoch, progress.advance) for h, s in zip(halves, states)]
-            metrics = checkpoint.save(states, metrics, progress)
+            metrics = checkpoint.save(states, metrics)
+            progress.line(_epoch_line(metrics, settings.epochs))
     finally:
         progress.close()
     return _write_outputs(out_dir, grid, [map_of(s["x"], grid, settings.interp) for s in states], metrics)
@@ -155,21 +159,23 @@ class _Checkpoint:
             raise InputError(self.path, "--resume: the checkpoint was made with other settings or particles")
         return saved["halves"], saved["metrics"]
 
-    def save(self, states: list[dict], metrics: list[dict], progress: _Progress) -> list[dict]:
-        """Move the states' metrics into ``metrics``, save both files, report; returns ``metrics``."""
+    def save(self, states: list[dict], metrics: list[dict]) -> list[dict]:
+        """Move the states' metrics into ``metrics``, save both files; returns ``metrics``."""
         metrics = metrics + [s.pop("metrics") for s in states]
-        epoch = states[0]["epoch"]
-        save_checkpoint(self.path, {"settings": dataclasses.asdict(self.settings), "epoch": epoch,
+        save_checkpoint(self.path, {"settings": dataclasses.asdict(self.settings), "epoch": states[0]["epoch"],
                                     "n_particles": self.n_particles, "halves": states, "metrics": metrics})
         write_lines(self.out_dir / "metrics.jsonl", [json.dumps(m) for m in metrics])
-        row = metrics[-2:]
-        seconds = row[0]["seconds"] + row[1]["seconds"]
-        if epoch == 0:
-            progress.line(f"epoch 0/{self.settings.epochs}: one pass (b = S*y, diag H), {seconds:.1f} s")
-        else:
-            progress.line(f"epoch {epoch}/{self.settings.epochs}: loss {row[0]['loss']:.6g} / {row[1]['loss']:.6g}, "
-                          f"step {row[0]['step_size']:.3g}, {seconds:.1f} s")
         return metrics
+
+
+def _epoch_line(metrics: list[dict], epochs: int) -> str:
+    """One progress line for the last epoch in ``metrics`` (its two halves)."""
+    first, second = metrics[-2:]
+    seconds = first["seconds"] + second["seconds"]
+    if first["epoch"] == 0:
+        return f"epoch 0/{epochs}: one pass (b = S*y, diag H), {seconds:.1f} s"
+    return (f"epoch {first['epoch']}/{epochs}: loss {first['loss']:.6g} / {second['loss']:.6g}, "
+            f"step {first['step_size']:.3g}, {seconds:.1f} s")
 
 
 def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], metrics) -> ReconstructionResult:
