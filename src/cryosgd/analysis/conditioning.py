@@ -10,7 +10,8 @@ Outputs in ``out_dir``:
   1/(2r), the mean for uniform orientations without CTF (PAPER.md §2.5).
 - ``kappa.csv`` / ``.png``: κ(R) of the diagonal and the bound (1+λ)/(p+λ); for trilinear
   interpolation also Lanczos estimates of κ(R) of H restricted to the ball and of D⁻¹H at
-  the radii of ``lanczos_radii``. Ritz values lie inside the spectrum, so these estimates
+  the radii of ``lanczos_radii`` (D = |diag H| floored at λ: a Hutchinson estimate can dip
+  below 0). Ritz values lie inside the spectrum, so these estimates
   are lower bounds on the true κ that tighten with ``lanczos_iterations``.
 """
 
@@ -132,7 +133,9 @@ def _lanczos(half: HalfSet, diagonal: torch.Tensor, settings: HessianSettings) -
     n = half.grid.work_box_px
     radii = torch.unique(torch.round(torch.linspace(2, n // 2 - 1, settings.lanczos_radii)))
     shape = diagonal.shape
-    scales = {"H": voxel_multiplicity(shape, diagonal.device, diagonal.dtype).rsqrt(), "D⁻¹H": diagonal.rsqrt()}
+    preconditioner = diagonal.abs().clamp(min=settings.l2)  # a Hutchinson estimate can dip below 0
+    scales = {"H": voxel_multiplicity(shape, diagonal.device, diagonal.dtype).rsqrt(),
+              "D⁻¹H": preconditioner.rsqrt()}
     kappas = {}
     for name, scale in scales.items():
         operator = RestrictedHessian(half.objective, half.full_mean, radii, scale)
