@@ -74,20 +74,15 @@ def test_missing_pose_column_names_file_and_column(tmp_path):
         without_poses.require_poses()
 
 
-def test_bad_values_are_one_line_errors(tmp_path):
+@pytest.mark.parametrize("old,new,message", [
+    (" 1 2 0.0\n", " 1 3 0.0\n", "rlnRandomSubset: value 3"),
+    ("12000.0 11000.0", "nan 11000.0", "rlnDefocusU"),
+    ("0.0 0.75 1 2", "0.0 0.75 7 2", "rlnOpticsGroup: value 7"),
+    (" 1 2 0.0\n", " 1 2\n", "12 values for 13 columns"),
+    (None, "hello\n", "before the first data_"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, old, new, message):
     text = (FIXTURES / "relion31.star").read_text()
-    (tmp_path / "subset.star").write_text(text.replace(" 1 2 0.0\n", " 1 3 0.0\n"))
-    with pytest.raises(InputError, match="rlnRandomSubset: value 3"):
-        read_particles(tmp_path / "subset.star")
-    (tmp_path / "nan.star").write_text(text.replace("12000.0 11000.0", "nan 11000.0"))
-    with pytest.raises(InputError, match="rlnDefocusU"):
-        read_particles(tmp_path / "nan.star")
-    (tmp_path / "group.star").write_text(text.replace("0.0 0.75 1 2", "0.0 0.75 7 2"))
-    with pytest.raises(InputError, match="rlnOpticsGroup: value 7"):
-        read_particles(tmp_path / "group.star")
-    (tmp_path / "short.star").write_text(text.replace(" 1 2 0.0\n", " 1 2\n"))
-    with pytest.raises(InputError, match="12 values for 13 columns"):
-        read_particles(tmp_path / "short.star")
-    (tmp_path / "empty.star").write_text("hello\n")
-    with pytest.raises(InputError, match="before the first data_"):
-        read_particles(tmp_path / "empty.star")
+    (tmp_path / "bad.star").write_text(new if old is None else text.replace(old, new))
+    with pytest.raises(InputError, match=message):
+        read_particles(tmp_path / "bad.star")
