@@ -79,3 +79,20 @@ def test_hutchinson_error_falls_like_one_over_sqrt_probes():
             errors[k] = float((total / k - exact).norm() / exact.norm())
     assert errors[256] < errors[16]
     assert errors[16] / errors[256] == pytest.approx(4.0, rel=0.3)  # √(256/16)
+
+
+def test_data_terms_are_the_quadratic_at_zero_with_per_group_noise_weights():
+    objective, batch, x, g = _problem("trilinear")
+    objective.l2 = 0.0
+    grid = objective.model.grid
+    batch.optics_group = torch.arange(len(batch)) % 2
+    objective.noise_weight = 0.5 + torch.rand(2, len(grid.freq_px), generator=g, dtype=torch.float64)
+    r = objective.residual(x, batch)
+    weight = grid.multiplicity * objective.noise_weight[batch.optics_group]
+    torch.testing.assert_close(objective.loss(x, batch), 0.5 * (weight * r.abs() ** 2).sum() / len(batch))
+    c, b, diagonal, density = objective.data_terms(batch)
+    loss0, gradient0 = objective.loss_and_gradient(torch.zeros_like(x), batch)
+    torch.testing.assert_close(c, loss0)
+    torch.testing.assert_close(b, -gradient0)
+    torch.testing.assert_close(diagonal, exact_diagonal(objective, batch, dtype=torch.float64))
+    torch.testing.assert_close(density.to(x.dtype), objective.hvp(torch.ones_like(x), batch))  # H·1

@@ -15,7 +15,8 @@ from cryosgd.io.mrc import read_map, write_map
 from cryosgd.model.phantom import blob_phantom
 from cryosgd.model.simulate import SimulationSettings, simulate
 from cryosgd.objective.diagonal import exact_diagonal
-from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch
+from cryosgd.recon.gold_standard import map_of
+from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, one_pass_map, run_epoch
 
 from conftest import correlation
 
@@ -57,10 +58,10 @@ def _losses(star, method, epochs=3, batch_size=100, **extra):
 
 
 def test_algorithm1_reaches_lower_loss_than_plain_sgd(dataset):
-    """The paper's regime: enough steps (12 per epoch here) for D to leave its start."""
-    sgd = _losses(dataset, "sgd", epochs=6, batch_size=50)
-    paper = _losses(dataset, "algorithm1", epochs=6, batch_size=50, d0="one")
-    warm = _losses(dataset, "algorithm1", epochs=6, batch_size=50, d0="exact")
+    """The paper's regime: start 0, enough steps (12 per epoch here) for D to leave its start."""
+    sgd = _losses(dataset, "sgd", epochs=6, batch_size=50, start="zero")
+    paper = _losses(dataset, "algorithm1", epochs=6, batch_size=50, d0="one", start="zero")
+    warm = _losses(dataset, "algorithm1", epochs=6, batch_size=50, d0="exact", start="zero")
     assert paper[-1] < sgd[-1] and warm[-1] < sgd[-1]
     assert warm[0] < paper[0]  # the exact start removes the identity warm-up of epoch 1
 
@@ -102,6 +103,38 @@ def test_epochs_0_writes_the_one_pass_map_and_sgd_improves_it(dataset, tmp_path)
     assert one_pass > 0.7 and refined >= one_pass - 0.01
     code, out = _reconstruct(dataset, tmp_path / "c", "--epochs", 0, "--method", "pcg")
     assert code == 2 and "--epochs 0" in out
+
+
+def _shell_amplitudes(volume, shells):
+    ft = np.fft.fftn(np.fft.ifftshift(volume))
+    k = np.fft.fftfreq(volume.shape[0], 1 / volume.shape[0])
+    radius = np.rint(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int)
+    return np.array([np.sqrt(np.mean(np.abs(ft[radius == s]) ** 2)) for s in shells])
+
+
+def test_one_pass_trilinear_map_has_the_true_amplitude(dataset, tmp_path):
+    """b / H·1 (RELION's division by the data weights), not b / diag(H), which is ≈ 3.5× too big."""
+    assert _reconstruct(dataset, tmp_path / "p", "--epochs", 0, "--prior", "none")[0] == 0
+    truth, _ = read_map(dataset.parent / "ground_truth.mrc")
+    ratio = _shell_amplitudes(read_map(tmp_path / "p" / "map.mrc")[0], range(1, 7)) / _shell_amplitudes(truth, range(1, 7))
+    assert np.all((ratio > 0.6) & (ratio < 1.25)), ratio
+
+
+def test_map_is_the_joint_solve_of_all_particles(dataset, tmp_path):
+    """Nearest interpolation, where H is diagonal: the map from the two halves equals the
+    least-squares map of all particles (not the mean of the half maps)."""
+    options = ("--epochs", 0, "--interp", "nearest", "--prior", "none", "--shell-ridge", 0)
+    assert _reconstruct(dataset, tmp_path / "j", *options)[0] == 0
+    table = read_particles(dataset)
+    stack = ImageStack(table)
+    grid = FourierGrid.create(stack.box_px, table.pixel_A)
+    settings = ReconstructionSettings(interp="nearest", prior="none", shell_ridge=0.0, epochs=0)
+    everything = HalfSet(table, stack, grid, settings, half=1, dtype=torch.float64)
+    expected = map_of(one_pass_map(everything, init_half(everything)), grid, "nearest")
+    joint = read_map(tmp_path / "j" / "map.mrc")[0]
+    np.testing.assert_allclose(joint, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    mean = (read_map(tmp_path / "j" / "half1.mrc")[0] + read_map(tmp_path / "j" / "half2.mrc")[0]) / 2
+    assert np.abs(mean - expected).max() > 1e-2 * np.abs(expected).max()
 
 
 def test_fourier_cropped_reconstruction_has_the_working_pixel_size(dataset, tmp_path):

@@ -116,9 +116,9 @@ def part_d_e(out: Path, table, stack, grid: FourierGrid, batch: int, epochs: int
             "alg1 β=0.5": replace(paper, beta=0.5), "alg1 β=0.99": replace(paper, beta=0.99),
             "alg1 D₀=exact": replace(paper, d0="exact"),
             "alg1 D₀=exact, one-pass start": replace(paper, d0="exact", start="backprojection")}
-    half = lambda s: HalfSet(table, stack, grid, s, 1)  # noqa: E731
+    half = lambda s, dtype=torch.float32: HalfSet(table, stack, grid, s, 1, dtype=dtype)  # noqa: E731
     start = time.perf_counter()
-    reference = converged(half(replace(paper, method="pcg")), cg_iterations)
+    reference = converged(half(replace(paper, method="pcg"), torch.float64), cg_iterations).to(torch.complex64)
     summary = {"reference_seconds": time.perf_counter() - start}
     n = grid.work_box_px
     outer = slice(n // 4, n // 2)

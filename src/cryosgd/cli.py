@@ -103,6 +103,9 @@ def reconstruct(
     shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean curvature."),
     d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (from the first pass) or one (the paper)."),
     start: str = typer.Option("backprojection", help="SGD methods' first map: backprojection (the one-pass map b / diag H) or zero (the paper)."),
+    noise: str = typer.Option("white", help="white (σ = 1: the paper, relion_reconstruct) or estimate (σ² per "
+                                            "image shell from the residuals to the one-pass maps; costs a second "
+                                            "first pass; for coloured noise, as in real micrographs)."),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
     device: Optional[str] = Device,
     seed: int = typer.Option(0, help="Random seed (batch order, probes, half-set split)."),
@@ -114,7 +117,7 @@ def reconstruct(
 
     settings = ReconstructionSettings(method=method, epochs=epochs, batch_size=batch_size,
                                       interp=_check_interp(interp), work_box_px=box, l2=l2, prior=prior,
-                                      shell_ridge=shell_ridge, d0=d0, start=start, seed=seed)
+                                      shell_ridge=shell_ridge, d0=d0, start=start, noise=noise, seed=seed)
     result = run(star, output, settings, resume=resume, device=device, pixel_A=pixel_size)
     typer.echo(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å")
     typer.echo(f"maps: {output / 'map.mrc'}, {output / 'half1.mrc'}, {output / 'half2.mrc'}; "

@@ -28,6 +28,8 @@ class Batch:
         shift_A: ``(B, 2)`` origins (rlnOriginXAngst, rlnOriginYAngst).
         ctf: CTF parameters, or None for CTF-free data.
         images_ft: ``(B, P)`` complex disc values of the images' rfft2 (grid order), or None.
+        optics_group: ``(B,)`` 0-based optics-group index (selects the noise spectrum), or None
+            for a single group.
         cache: values derived from the fields (e.g. the CTF · phase factor), computed once.
     """
 
@@ -36,6 +38,7 @@ class Batch:
     shift_A: Tensor
     ctf: CTFParams | None
     images_ft: Tensor | None = None
+    optics_group: Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -53,7 +56,8 @@ def make_batch(table: ParticleTable, index: np.ndarray, grid: FourierGrid, stack
     if stack is not None:
         images = torch.as_tensor(stack.read(index), device=device).to(dtype)
         images_ft = grid.take(images_to_ft(images))
-    return Batch(index, rotations.to(device=device, dtype=dtype), tensor(table.shift_A), ctf, images_ft)
+    groups = torch.as_tensor(table.optics_group[index], device=device)
+    return Batch(index, rotations.to(device=device, dtype=dtype), tensor(table.shift_A), ctf, images_ft, groups)
 
 
 def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:

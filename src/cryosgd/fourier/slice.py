@@ -121,41 +121,42 @@ def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int,
     return maps[0]
 
 
-def insert_many(values: Tensor | None, squared: Tensor | None, rotations: Tensor, freq_px: Tensor,
-                shape: tuple[int, int, int], interp: Interp = "trilinear") -> tuple[Tensor | None, Tensor | None]:
+def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, freq_px: Tensor,
+                shape: tuple[int, int, int], interp: Interp = "trilinear",
+                powers: tuple[int, ...] = (2,)) -> tuple[Tensor | None, Tensor | None]:
     """Several back-projections sharing one stencil and one scatter.
 
     Args:
         values: ``(K, B, P)`` complex values, each back-projected as by :func:`insert`, or None.
-        squared: ``(B, P)`` real values scattered with *squared* interpolation weights, or None.
-            Applied to ``c²`` this is the diagonal of ``Σ Pᵀ diag(c²) P``, the exact Hessian
-            diagonal.
+        real: ``(B, P)`` real values, scattered once with the interpolation weights to each of
+            ``powers``, or None. Applied to ``c²``, power 2 gives the diagonal of
+            ``Σ Pᵀ diag(c²) P`` (the exact Hessian diagonal) and power 1 its row sums, the
+            same matrix applied to the all-ones map (trilinear weights sum to 1).
 
     Returns:
-        ``(K, n, n, nh)`` complex maps (or None) and the ``(n, n, nh)`` real map of ``squared``.
+        ``(K, n, n, nh)`` complex maps (or None) and ``(len(powers), n, n, nh)`` real maps (or None).
     """
-    channels, conjugate, powers = [], [], []
+    channels, conjugate, scatter_powers = [], [], []
     if values is not None:
         for v in values:
             channels += [v.real, v.imag]
             conjugate += [False, True]
-            powers += [1, 1]
-    if squared is not None:
-        channels.append(squared)
-        conjugate.append(False)
-        powers.append(2)
+            scatter_powers += [1, 1]
+    if real is not None:
+        channels += [real] * len(powers)
+        conjugate += [False] * len(powers)
+        scatter_powers += list(powers)
     stacked = torch.stack(channels, -1)
-    out = stacked.new_zeros(shape[0] * shape[1] * shape[2], len(powers))
+    out = stacked.new_zeros(shape[0] * shape[1] * shape[2], len(scatter_powers))
     chunk = max(1, _CHUNK_POINTS // freq_px.shape[0])
     for start in range(0, len(rotations), chunk):
         _insert_fast(out, stacked[start:start + chunk], rotations[start:start + chunk], freq_px, tuple(shape),
-                     interp, tuple(conjugate), tuple(powers))
-    out = out.reshape(*shape, len(powers))
-    maps = None
-    if values is not None:
-        maps = torch.view_as_complex(out[..., :2 * len(values)].reshape(*shape, len(values), 2).movedim(3, 0)
-                                     .contiguous())
-    return maps, (out[..., -1] if squared is not None else None)
+                     interp, tuple(conjugate), tuple(scatter_powers))
+    out = out.reshape(*shape, len(scatter_powers)).movedim(-1, 0)
+    complex_channels = 0 if values is None else 2 * len(values)
+    maps = None if values is None else torch.view_as_complex(
+        out[:complex_channels].reshape(len(values), 2, *shape).movedim(1, -1).contiguous())
+    return maps, (None if real is None else out[complex_channels:].contiguous())
 
 
 def apodization(box_px: int, interp: Interp, pad: int = 1, dtype=torch.float64) -> Tensor:

@@ -78,13 +78,14 @@ class ForwardModel:
         maps, _ = self.back_project(batch, values[None])
         return maps[0]
 
-    def back_project(self, batch: Batch, values: Tensor | None = None,
-                     curvature: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def back_project(self, batch: Batch, values: Tensor | None = None, curvature: Tensor | None = None,
+                     powers: tuple[int, ...] = (2,)) -> tuple[Tensor | None, Tensor | None]:
         """Several adjoints in one scatter.
 
         ``values (K, B, P)`` complex → ``(K, n, n, nh)`` maps S* values; ``curvature (B, P)``
-        real → the ``(n, n, nh)`` real map Σ_i Σ_k P_i(k, v)² CTF_i(k)² curvature_i(k), the data
-        term of the Hessian diagonal. Either may be None.
+        real → ``(len(powers), n, n, nh)`` real maps Σ_i Σ_k P_i(k, v)^p CTF_i(k)² curvature_i(k):
+        for p = 2 the data term of the Hessian diagonal, for p = 1 that of H·1 (its row sums).
+        Either may be None.
         """
         like = values if values is not None else curvature
         real = like.real.dtype
@@ -92,4 +93,4 @@ class ForwardModel:
         weighted = None if values is None else values * modulation.conj()
         squared = None if curvature is None else curvature * modulation.abs().square()
         return insert_many(weighted, squared, batch.rotations.to(real), self._freq_px(like), self.volume_shape,
-                           self.interp)
+                           self.interp, powers)

@@ -24,8 +24,8 @@ def exact_diagonal(objective: LeastSquares, batch: Batch, dtype=torch.float32) -
     """diag(H_B) for the batch (mean over its images, ridge included)."""
     model = objective.model
     like = batch.rotations.new_zeros((), dtype=dtype)
-    _, scattered = model.back_project(batch, curvature=objective.pixel_weight(like))
-    return scattered / len(batch) + objective.ridge(model.volume_shape, like.device, dtype)
+    _, scattered = model.back_project(batch, curvature=objective.pixel_weight(batch, like))
+    return scattered[0] / len(batch) + objective.ridge(model.volume_shape, like.device, dtype)
 
 
 def shell_means(diagonal: Tensor) -> Tensor:

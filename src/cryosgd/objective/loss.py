@@ -6,7 +6,7 @@ For a batch B of images, on the rfft half-grid map ``x`` and the half-disc pixel
 
 ``m(k)`` (1 at kx = 0, else 2) and ``m₃(v)`` (likewise for voxels) make both sums equal to
 sums over the full Fourier plane and cube, so f is the paper's loss (PAPER.md §2.2) for a
-real map; ``w = 1/σ²(k)`` weights the noise (σ = 1 reproduces the paper). The loss is
+real map; ``w = 1/σ²(k)`` weights the noise, per optics group (σ = 1 reproduces the paper). The loss is
 quadratic for fixed poses, so the Hessian H does not depend on x and
 H·z = ∇f_B(z) − ∇f_B(0) is the gradient of the data-free loss at z.
 Gradients are for the real inner product, i.e. ∂f/∂Re x + i ∂f/∂Im x (torch's convention).
@@ -42,18 +42,21 @@ class LeastSquares:
         model: the forward model (grid, interpolation, CTF on/off).
         l2: the ridge weight λ (1e-8 in the paper): a number, or a tensor of the map's
             half-grid shape for a per-voxel ridge.
-        noise_weight: ``(P,)`` w(k) = 1/σ²(k) on the disc, or None for white unit noise.
+        noise_weight: ``(G, P)`` w_g(k) = 1/σ_g²(k) on the disc for each optics group g
+            (:mod:`cryosgd.objective.noise`), or None for white unit noise.
     """
 
     model: ForwardModel
     l2: float | Tensor = 1e-8
     noise_weight: Tensor | None = None
 
-    def pixel_weight(self, like: Tensor) -> Tensor:
+    def pixel_weight(self, batch: Batch, like: Tensor) -> Tensor:
+        """m(k) w(k) of every image pixel: ``(P,)`` for white noise, else ``(B, P)``."""
         weight = self.model.grid.multiplicity.to(device=like.device, dtype=like.real.dtype)
-        if self.noise_weight is not None:
-            weight = weight * self.noise_weight.to(weight)
-        return weight
+        if self.noise_weight is None:
+            return weight
+        groups = batch.optics_group if batch.optics_group is not None else torch.zeros(len(batch), dtype=torch.long)
+        return weight * self.noise_weight.to(weight)[groups.to(weight.device)]
 
     def ridge(self, shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
         """λ m₃: the ridge's contribution to diag(H), per voxel."""
@@ -68,7 +71,7 @@ class LeastSquares:
 
     def loss(self, x: Tensor, batch: Batch, residual: Tensor | None = None) -> Tensor:
         r = self.residual(x, batch) if residual is None else residual
-        data = 0.5 * (self.pixel_weight(r) * (r.real.square() + r.imag.square())).sum()
+        data = 0.5 * (self.pixel_weight(batch, r) * (r.real.square() + r.imag.square())).sum()
         ridge = 0.5 * (self._ridge(x) * (x.real.square() + x.imag.square())).sum()
         return data / len(batch) + ridge
 
@@ -81,7 +84,7 @@ class LeastSquares:
         """f_B(x), ∇f_B(x) and, when ``z`` is given, H_B·z (else None): both back-projections
         share one scatter."""
         r = self.residual(x, batch)
-        weight = self.pixel_weight(r)
+        weight = self.pixel_weight(batch, r)
         values = [weight * r] if z is None else [weight * r, weight * self.model.forward(z, batch)]
         maps, _ = self.model.back_project(batch, torch.stack(values))
         gradient = maps[0] / len(batch) + self._ridge(x) * x
@@ -95,17 +98,18 @@ class LeastSquares:
     def hvp_many(self, z: Tensor, batch: Batch) -> Tensor:
         """H_B · z_j for a stack ``z (K, n, n, nh)``, with one scatter."""
         predicted = torch.stack([self.model.forward(v, batch) for v in z])
-        maps, _ = self.model.back_project(batch, self.pixel_weight(predicted) * predicted)
+        maps, _ = self.model.back_project(batch, self.pixel_weight(batch, predicted) * predicted)
         return maps / len(batch) + self._ridge(z[0]) * z
 
-    def data_terms(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    def data_terms(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """What the data contribute to the normal equations, in one scatter.
 
-        Returns ``c = f_B(0)`` without the ridge, ``b = −∇f_B(0) = S*(w y) / |B|`` and the
-        data term of diag(H_B) (real), so that f_B(x) = c − ⟨b, x⟩ + ½⟨x, H_B x⟩.
+        Returns ``c = f_B(0)`` without the ridge, ``b = −∇f_B(0) = S*(w y) / |B|`` and the data
+        terms of diag(H_B) and of H_B·1 (its row sums: the data density RELION divides by),
+        both real, so that f_B(x) = c − ⟨b, x⟩ + ½⟨x, H_B x⟩.
         """
         y = batch.images_ft
-        weight = self.pixel_weight(y)
-        maps, diagonal = self.model.back_project(batch, (weight * y)[None], weight)
+        weight = self.pixel_weight(batch, y)
+        maps, curvature = self.model.back_project(batch, (weight * y)[None], weight, powers=(2, 1))
         c = 0.5 * (weight * (y.real.square() + y.imag.square())).sum() / len(batch)
-        return c, maps[0] / len(batch), diagonal / len(batch)
+        return c, maps[0] / len(batch), curvature[0] / len(batch), curvature[1] / len(batch)

@@ -34,8 +34,12 @@ class ConjugateGradient:
         return {"r": r, "p": z, "rz": _dot(r, z)}
 
     def update(self, x: Tensor, state: dict, full_hvp: Callable[[Tensor], Tensor]):
+        """One iteration; once the residual is exactly zero (converged), x stays where it is."""
         hp = full_hvp(state["p"])
-        step = state["rz"] / _dot(state["p"], hp)
+        curvature = _dot(state["p"], hp)
+        if state["rz"] == 0.0 or curvature == 0.0:
+            return x, state, {"step_size": 0.0, "residual_norm": _dot(state["r"], state["r"]) ** 0.5}
+        step = state["rz"] / curvature
         x = x + step * state["p"]
         r = state["r"] - step * hp
         z = self._precondition(r)

@@ -3,8 +3,9 @@
 Half-sets come from ``rlnRandomSubset`` when present, else from a seeded random split.
 After every epoch both halves are checkpointed (``checkpoint.pt``) and ``metrics.jsonl`` is
 rewritten; ``resume=True`` continues from the checkpoint and ends at the same maps as an
-uninterrupted run. At the end: ``half1.mrc``, ``half2.mrc``, ``map.mrc`` (their mean) at the
-working box and pixel size, ``fsc.csv``, ``fsc.png`` and ``loss.png``.
+uninterrupted run. At the end: ``half1.mrc``, ``half2.mrc`` and ``map.mrc`` (all particles:
+:func:`~cryosgd.recon.known_pose.joint_map`) at the working box and pixel size, ``fsc.csv``,
+``fsc.png``, ``loss.png`` and, with ``noise="estimate"``, ``noise.csv`` (σ² per image shell).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,9 @@ from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import apodization
 from cryosgd.io.mrc import write_map
-from cryosgd.recon.known_pose import (HalfSet, ReconstructionSettings, init_half, one_pass_map, run_epoch,
-                                     set_prior)
+from cryosgd.objective.noise import noise_weight, spectra
+from cryosgd.recon.known_pose import (HalfSet, ReconstructionSettings, init_half, joint_map, one_pass_map,
+                                     residual_powers, run_epoch, set_prior)
 from cryosgd.report import save_fsc_plot, save_loss_plot, write_lines
 
 
@@ -109,15 +112,12 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
     checkpoint = _Checkpoint(out_dir, settings, len(table))
     states, metrics = checkpoint.load(device) if resume and checkpoint.exists() else ([], [])
     done = states[0]["epoch"] if states else -1  # -1: not even the first pass
+    first_passes = len(halves) * (2 if settings.noise == "estimate" else 1)
     progress = _Progress(sum(h.steps_per_epoch for h in halves) * (settings.epochs - max(done, 0))
-                         + (len(halves) if done < 0 else 0))
+                         + (first_passes if done < 0 else 0))
     try:
         if done < 0:
-            states = [init_half(h) for h in halves]
-            for _ in halves:
-                progress.advance()
-            if settings.prior == "wiener":  # τ² from the one-pass maps
-                states = _with_prior(halves, states, [one_pass_map(h, s) for h, s in zip(halves, states)])
+            states = _first_pass(halves, progress)
             metrics = checkpoint.save(states, metrics)
             progress.line(_epoch_line(metrics, settings.epochs))
         for epoch in range(states[0]["epoch"] + 1, settings.epochs + 1):
@@ -128,7 +128,37 @@ def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionS
             progress.line(_epoch_line(metrics, settings.epochs))
     finally:
         progress.close()
-    return _write_outputs(out_dir, grid, [map_of(s["x"], grid, settings.interp) for s in states], metrics)
+    maps = [map_of(x, grid, settings.interp) for x in (states[0]["x"], states[1]["x"], joint_map(halves, states))]
+    return _write_outputs(out_dir, grid, maps, metrics, states[0]["sigma2"], [g.name for g in table.optics])
+
+
+def _first_pass(halves: list[HalfSet], progress: _Progress) -> list[dict]:
+    """Epoch 0 of both halves: their data terms and the Wiener prior from the one-pass maps;
+    with ``noise="estimate"``, then the noise spectrum from the residuals to those maps (pooled
+    over both halves) and the data terms again under its weight."""
+    start, sigma2 = time.perf_counter(), None
+    states = _data_terms(halves, progress)
+    if halves[0].settings.noise == "estimate":
+        powers = [residual_powers(h, one_pass_map(h, s)) for h, s in zip(halves, states)]
+        sums, counts = (sum(parts) for parts in zip(*powers))
+        sigma2 = spectra(sums, counts, [g.name for g in halves[0].table.optics])
+        for h in halves:
+            h.objective.noise_weight = noise_weight(sigma2, h.grid)
+        states = _data_terms(halves, progress)
+    seconds = (time.perf_counter() - start) / len(halves)  # shared evenly: the halves' work is mixed
+    for s in states:
+        s["sigma2"], s["metrics"]["seconds"] = sigma2, seconds
+    return states
+
+
+def _data_terms(halves: list[HalfSet], progress: _Progress) -> list[dict]:
+    states = []
+    for h in halves:
+        states.append(init_half(h))
+        progress.advance()
+    if halves[0].settings.prior == "wiener":
+        states = _with_prior(halves, states, [one_pass_map(h, s) for h, s in zip(halves, states)])
+    return states
 
 
 def _with_prior(halves: list[HalfSet], states: list[dict], maps: list[torch.Tensor]) -> list[dict]:
@@ -178,11 +208,12 @@ def _epoch_line(metrics: list[dict], epochs: int) -> str:
             f"step {first['step_size']:.3g}, {seconds:.1f} s")
 
 
-def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], metrics) -> ReconstructionResult:
+def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], metrics,
+                   sigma2: torch.Tensor | None, group_names: list[str]) -> ReconstructionResult:
+    """half1.mrc, half2.mrc, map.mrc (``maps`` in that order), FSC, plots and the noise spectrum."""
     pixel = grid.work_pixel_A
-    write_map(out_dir / "half1.mrc", maps[0], pixel)
-    write_map(out_dir / "half2.mrc", maps[1], pixel)
-    write_map(out_dir / "map.mrc", (maps[0] + maps[1]) / 2, pixel)
+    for name, volume in zip(("half1.mrc", "half2.mrc", "map.mrc"), maps):
+        write_map(out_dir / name, volume, pixel)
     curve = fsc(maps[0], maps[1], pixel)
     rows = ["shell,resolution_A,fsc"] + [f"{i},{r:.4f},{f:.6f}" for i, (r, f)
                                          in enumerate(zip(curve.resolution_A, curve.fsc))]
@@ -190,4 +221,15 @@ def _write_outputs(out_dir: Path, grid: FourierGrid, maps: list[np.ndarray], met
     save_fsc_plot(out_dir / "fsc.png", np.arange(len(curve.fsc)), curve.fsc, curve.resolution_A,
                   f"half-map FSC: {curve.resolution_at(0.143):.2f} Å at 0.143")
     save_loss_plot(out_dir / "loss.png", metrics)
+    if sigma2 is not None:
+        _write_noise(out_dir / "noise.csv", grid, sigma2, group_names)
     return ReconstructionResult(out_dir, curve, metrics)
+
+
+def _write_noise(path: Path, grid: FourierGrid, sigma2: torch.Tensor, group_names: list[str]) -> None:
+    """noise.csv: shell, resolution (Å), then σ² of each optics group."""
+    shells = np.arange(sigma2.shape[1])
+    resolution = grid.box_px * grid.pixel_A / np.maximum(shells, 1)
+    write_lines(path, ["shell,resolution_A," + ",".join(f"sigma2_{name}" for name in group_names)]
+                + [f"{s},{'inf' if s == 0 else f'{r:.4f}'}," + ",".join(f"{float(v):.6g}" for v in sigma2[:, s])
+                   for s, r in zip(shells, resolution)])
