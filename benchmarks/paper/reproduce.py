@@ -129,7 +129,7 @@ def part_d_e(out: Path, table, stack, grid: FourierGrid, batch: int, epochs: int
         write_lines(out / f"d_fsc_{tag}.csv", ["epoch," + ",".join(f"shell{s}" for s in range(result.fsc.shape[1]))]
                     + [f"{e}," + ",".join(f"{v:.4f}" for v in row) for e, row in enumerate(result.fsc)])
         save_heatmap(out / f"d_fsc_{tag}.png", result.fsc[:, 1:n // 2], xlabel="shell", ylabel="epoch",
-                     title=f"(d) FSC to the converged map: {name}")
+                     title=f"(d) FSC to the converged map: {name}", first_column=1)
         reached = [epochs_to(result.fsc, t, outer) for t in THRESHOLDS]
         summary[name] = {"epochs_to": dict(zip(THRESHOLDS, reached)), "loss": result.loss[-1],
                          "outer_fsc": [float(result.fsc[e, outer].min()) for e in range(epochs + 1)]}

@@ -70,10 +70,13 @@ def save_curves(path: str | Path, x: np.ndarray, curves: dict[str, np.ndarray], 
 
 
 def save_heatmap(path: str | Path, values: np.ndarray, *, xlabel: str, ylabel: str, title: str,
-                 vmin: float = 0.0, vmax: float = 1.0) -> Path:
-    """A ``(rows, columns)`` array as an image, rows along y (e.g. epochs × shells)."""
+                 vmin: float = 0.0, vmax: float = 1.0, first_column: int = 0) -> Path:
+    """A ``(rows, columns)`` array as an image, rows along y (e.g. epochs × shells); columns are
+    labelled from ``first_column``, rows from 0."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    image = ax.imshow(values, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="viridis")
+    rows, columns = values.shape
+    image = ax.imshow(values, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="viridis",
+                      extent=(first_column - 0.5, first_column + columns - 0.5, -0.5, rows - 0.5))
     fig.colorbar(image, ax=ax)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return _save(fig, path)
