@@ -100,9 +100,9 @@ def reconstruct(
     box: Optional[int] = typer.Option(None, help="Working box (px): Fourier-crop the images to it."),
     l2: float = typer.Option(1e-8, help="Ridge weight λ."),
     prior: str = typer.Option("wiener", help="wiener (per-shell ridge from the half-map FSC, as RELION's τ²) or none."),
-    shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean curvature."),
+    shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean data density H·1."),
     d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (from the first pass) or one (the paper)."),
-    start: str = typer.Option("backprojection", help="SGD methods' first map: backprojection (the one-pass map b / diag H) or zero (the paper)."),
+    start: str = typer.Option("backprojection", help="SGD methods' first map: backprojection (the one-pass map b / H·1) or zero (the paper)."),
     noise: str = typer.Option("white", help="white (σ = 1: the paper, relion_reconstruct) or estimate (σ² per "
                                             "image shell from the residuals to the one-pass maps; costs a second "
                                             "first pass; for coloured noise, as in real micrographs)."),

@@ -203,7 +203,7 @@ def _epoch_line(metrics: list[dict], epochs: int) -> str:
     first, second = metrics[-2:]
     seconds = first["seconds"] + second["seconds"]
     if first["epoch"] == 0:
-        return f"epoch 0/{epochs}: one pass (b = S*y, diag H), {seconds:.1f} s"
+        return f"epoch 0/{epochs}: one pass (b = S*y, diag H, H·1), {seconds:.1f} s"
     return (f"epoch {first['epoch']}/{epochs}: loss {first['loss']:.6g} / {second['loss']:.6g}, "
             f"step {first['step_size']:.3g}, {seconds:.1f} s")
 
