@@ -20,6 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 Interp = typer.Option("trilinear", "--interp", help="trilinear or nearest")
 Device = typer.Option(None, "--device", help="torch device, e.g. cuda (default: cpu).")
+StarPixelSize = typer.Option(None, "--pixel-size", help="Pixel size (Å) for STAR 3.0 files that lack it.")
 
 
 def _one_line_errors(command):
@@ -106,7 +107,7 @@ def reconstruct(
     noise: str = typer.Option("white", help="white (σ = 1: the paper, relion_reconstruct) or estimate (σ² per "
                                             "image shell from the residuals to the one-pass maps; costs a second "
                                             "first pass; for coloured noise, as in real micrographs)."),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
+    pixel_size: Optional[float] = StarPixelSize,
     device: Optional[str] = Device,
     seed: int = typer.Option(0, help="Random seed (batch order, probes, half-set split)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTDIR/checkpoint.pt."),
@@ -163,7 +164,7 @@ def hessian(
     batch_size: int = typer.Option(1000, help="Images per pass (and per Hutchinson probe)."),
     lanczos_iterations: int = typer.Option(30, help="Lanczos steps for κ of H and D⁻¹H (trilinear; 0: skip)."),
     lanczos_radii: int = typer.Option(6, help="Ball radii for the Lanczos estimates."),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for STAR 3.0 files that lack it."),
+    pixel_size: Optional[float] = StarPixelSize,
     device: Optional[str] = Device,
     seed: int = typer.Option(0),
 ):

@@ -44,6 +44,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.index)
 
+    def groups(self, device=None) -> Tensor:
+        """``(B,)`` optics-group index of every image (all 0 when the batch has none)."""
+        if self.optics_group is None:
+            return torch.zeros(len(self), dtype=torch.long, device=device)
+        return self.optics_group.to(device)
+
 
 def make_batch(table: ParticleTable, index: np.ndarray, grid: FourierGrid, stack: ImageStack | None = None,
                dtype: torch.dtype = torch.float32, device=None) -> Batch:

@@ -64,6 +64,11 @@ class FourierGrid:
         keep = kx**2 + ky**2 <= self.radius_px**2
         return torch.stack([kx[keep], ky[keep]], -1).double()
 
+    @cached_property
+    def shell_px(self) -> Tensor:
+        """``(P,)`` 2-D shell number round(|k|) of every half-disc pixel."""
+        return torch.round(torch.linalg.norm(self.freq_px, dim=-1)).long()
+
     def freq_invA(self) -> Tensor:
         """``(P, 2)`` float64 frequencies in Å⁻¹."""
         return self.freq_px * self.freq_step_invA

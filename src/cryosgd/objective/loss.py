@@ -55,8 +55,7 @@ class LeastSquares:
         weight = self.model.grid.multiplicity.to(device=like.device, dtype=like.real.dtype)
         if self.noise_weight is None:
             return weight
-        groups = batch.optics_group if batch.optics_group is not None else torch.zeros(len(batch), dtype=torch.long)
-        return weight * self.noise_weight.to(weight)[groups.to(weight.device)]
+        return weight * self.noise_weight.to(weight)[batch.groups(weight.device)]
 
     def ridge(self, shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
         """λ m₃: the ridge's contribution to diag(H), per voxel."""

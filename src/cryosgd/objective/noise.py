@@ -27,22 +27,16 @@ from cryosgd.fourier.grids import FourierGrid
 from cryosgd.objective.loss import LeastSquares
 
 
-def pixel_shells(grid: FourierGrid) -> Tensor:
-    """``(P,)`` 2-D shell number round(|k|) of every half-disc pixel."""
-    return torch.round(torch.linalg.norm(grid.freq_px, dim=-1)).long()
-
-
 def residual_power(objective: LeastSquares, x: Tensor, batch: Batch, n_groups: int) -> tuple[Tensor, Tensor]:
     """Per group, the batch's sum of the per-shell mean |y − S x|², and its image count, both
     divided by |B|: ``(n_groups, n_shells)`` and ``(n_groups,)`` float64 (batch means, so that
     their means over many batches divide into σ_g²)."""
     r = objective.residual(x, batch)
-    shells = pixel_shells(objective.model.grid).to(r.device)
+    shells = objective.model.grid.shell_px.to(r.device)
     per_pixel = (r.real.square() + r.imag.square()).double()  # (B, P)
     per_shell = per_pixel.new_zeros(len(batch), int(shells.max()) + 1).index_add_(1, shells, per_pixel)
     per_shell = per_shell / torch.bincount(shells).to(per_shell)
-    groups = (batch.optics_group if batch.optics_group is not None
-              else torch.zeros(len(batch), dtype=torch.long)).to(r.device)
+    groups = batch.groups(r.device)
     sums = per_shell.new_zeros(n_groups, per_shell.shape[1]).index_add_(0, groups, per_shell)
     counts = torch.bincount(groups, minlength=n_groups).double()
     return sums / len(batch), counts / len(batch)
@@ -63,7 +57,7 @@ def spectra(sums: Tensor, counts: Tensor, names: list[str]) -> Tensor:
 
 def noise_weight(sigma2: Tensor, grid: FourierGrid) -> Tensor:
     """``(G, P)`` w_g(k) = 1/σ_g²(s(k)), scaled to mean 1 over the groups and the full disc."""
-    shells = pixel_shells(grid).to(sigma2.device)
+    shells = grid.shell_px.to(sigma2.device)
     weight = 1.0 / sigma2.double()[:, shells]
     multiplicity = grid.multiplicity.to(weight)
     return weight * multiplicity.sum() * len(weight) / (weight * multiplicity).sum()
