@@ -1,0 +1,1 @@
+"""Pose search: rotation grids, symmetry, shifts and batched scores."""

@@ -1,0 +1,1 @@
+"""Commands that write data: projections of maps and simulated particle datasets."""
