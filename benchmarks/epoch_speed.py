@@ -21,7 +21,7 @@ from pathlib import Path
 from cryosgd.data.particles import read_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.model.simulate import SimulationSettings, simulate
+from cryosgd.sim.simulate import SimulationSettings, simulate
 from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings, init_half, run_epoch
 
 

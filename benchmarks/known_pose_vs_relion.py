@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cryosgd.analysis.fsc import fsc
+from cryosgd.fourier.fsc import fsc
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.io.mrc import read_map, write_map
-from cryosgd.model.simulate import SimulationSettings, model_to_map, blur, random_table
+from cryosgd.sim.simulate import SimulationSettings, model_to_map, blur, random_table
 
 
 def run_measured(args: list[str], cwd: Path) -> tuple[float, float]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cryosgd.cli import main
 from cryosgd.data.particles import OpticsGroup, ParticleTable
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,3 +42,28 @@ def random_particles(n: int, box: int, pixel_A: float, seed: int = 0, names: str
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """Run ``cryosgd ARGS`` in this process: (exit code, stdout and stderr together)."""
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return code, out.getvalue()
+
+
+def relion_ctf(table, i, kx, ky):
+    """RELION's CTF formula in numpy (RELION-CONVENTIONS.md), at frequencies in 1/Å."""
+    g = table.optics[table.optics_group[i]]
+    volts = g.voltage_kV * 1e3
+    lam = 12.2643247 / np.sqrt(volts * (1 + 0.978466e-6 * volts))
+    s2 = kx**2 + ky**2
+    du, dv, angle = table.defocus_u_A[i], table.defocus_v_A[i], np.radians(table.defocus_angle_deg[i])
+    defocus = -((du + dv) / 2 + (du - dv) / 2 * np.cos(2 * (np.arctan2(ky, kx) - angle)))
+    q0 = g.amplitude_contrast
+    chi = (np.pi * lam * defocus * s2 + np.pi / 2 * g.cs_mm * 1e7 * lam**3 * s2**2
+           - np.radians(table.phase_shift_deg[i]) - np.arctan(q0 / np.sqrt(1 - q0**2)))
+    return -np.sin(chi) * table.ctf_scale[i] * np.exp(-table.bfactor_A2[i] * s2 / 4)

@@ -2,33 +2,54 @@
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cryosgd.cli import app
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.io.mrc import read_map, write_map
-from cryosgd.model.phantom import blob_phantom
+from cryosgd.sim.phantom import blob_phantom
 
-from conftest import correlation, random_particles
-
-runner = CliRunner()
+from conftest import correlation, random_particles, relion_ctf, run_cli as _invoke
 
 
-def _invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+def _independent_projection(volume, table, i):
+    """Float64 real-space reference: Σ_z v(Aᵀ (x, y, z)) by cubic interpolation, moved by −origin,
+    then the RELION CTF applied in Fourier space (conftest.relion_ctf)."""
+    from scipy.ndimage import map_coordinates
+    n, pixel_A = volume.shape[0], table.pixel_A
+    c = np.arange(n) - n // 2
+    y, x, z = np.meshgrid(c, c, c, indexing="ij")  # image rows (y), columns (x), depth (z)
+    origin_px = table.shift_A[i] / pixel_A
+    image_xyz = np.stack([x + origin_px[0], y + origin_px[1], z], axis=-1)
+    map_xyz = image_xyz @ _relion_matrix(*table.angles_deg[i])  # Aᵀ r for row vectors r
+    indices = [map_xyz[..., axis] + n // 2 for axis in (2, 1, 0)]  # array order [z, y, x]
+    projection = map_coordinates(volume.astype(np.float64), indices, order=3, mode="constant").sum(axis=2)
+    ky, kx = np.meshgrid(np.fft.fftfreq(n, pixel_A), np.fft.rfftfreq(n, pixel_A), indexing="ij")
+    ft = np.fft.rfft2(np.fft.ifftshift(projection)) * relion_ctf(table, i, kx, ky)
+    return np.fft.fftshift(np.fft.irfft2(ft, s=(n, n)))
 
 
-def test_project_writes_stack_and_star_that_reads_back(tmp_path):
-    write_map(tmp_path / "map.mrc", blob_phantom(32, seed=1), 2.0)
-    write_particles(tmp_path / "in.star", random_particles(5, 32, 2.0))
+def _relion_matrix(rot, tilt, psi):
+    a, b, g = np.radians([rot, tilt, psi])
+    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+    return np.array([[cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
+                     [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
+                     [sb * ca, sb * sa, cb]])
+
+
+def test_project_matches_an_independent_float64_projection(tmp_path):
+    volume = blob_phantom(32, seed=1, sigma_px=2.0)
+    write_map(tmp_path / "map.mrc", volume, 2.0)
+    table = random_particles(5, 32, 2.0, seed=3)
+    write_particles(tmp_path / "in.star", table)
     code, out = _invoke("project", tmp_path / "map.mrc", tmp_path / "in.star", "-o", tmp_path / "proj.mrcs")
     assert code == 0, out
-    table = read_particles(tmp_path / "proj.star")
-    images = ImageStack(table).read(np.arange(5))
-    assert images.shape == (5, 32, 32) and images.std() > 0
-    assert table.pixel_A == 2.0
+    written = read_particles(tmp_path / "proj.star")
+    images = ImageStack(written).read(np.arange(5))
+    assert written.pixel_A == 2.0 and images.shape == (5, 32, 32)
+    for i in range(5):
+        expected = _independent_projection(volume, table, i)
+        assert correlation(images[i], expected) > 0.995
+        assert np.abs(images[i]).max() == pytest.approx(np.abs(expected).max(), rel=0.02)
 
 
 def test_simulate_from_atomic_model_keeps_ground_truth(tmp_path):
@@ -65,7 +86,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, problem):
     write_particles(tmp_path / "in.star", table)
     args = ["project", tmp_path / "map.mrc", tmp_path / "in.star", "-o", tmp_path / "out.mrcs"]
     expected = {"not_mrc": "map.mrc: not a valid MRC file", "missing_column": "missing column rlnAngleTilt",
-                "pixel_mismatch": "rlnImagePixelSize 3.0 differs", "bad_interp": "--interp cubic"}[problem]
+                "pixel_mismatch": "rlnImagePixelSize 3.0 differs", "bad_interp": "argument --interp: invalid choice: 'cubic'"}[problem]
     if problem == "not_mrc":
         (tmp_path / "map.mrc").write_text("garbage")
     elif problem == "missing_column":

@@ -3,7 +3,7 @@ import torch
 
 from cryosgd.conventions import (euler_to_matrix, ft_to_images, ft_to_map, images_to_ft, map_to_ft,
                                  matrix_to_euler, shift_phase, slice_points)
-from cryosgd.model.phantom import blob_phantom
+from cryosgd.sim.phantom import blob_phantom
 
 
 def _rz(a):

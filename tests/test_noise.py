@@ -5,14 +5,14 @@ import dataclasses
 import mrcfile
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cryosgd.analysis.fsc import fsc
-from cryosgd.cli import app
+from cryosgd.fourier.fsc import fsc
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.io.mrc import read_map, write_map
-from cryosgd.model.phantom import blob_phantom
-from cryosgd.model.simulate import SimulationSettings, simulate
+from cryosgd.sim.phantom import blob_phantom
+from cryosgd.sim.simulate import SimulationSettings, simulate
+
+from conftest import run_cli
 
 BOX = 32
 QUIET = 2.0  # group 1's white noise level over the images' standard deviation
@@ -52,9 +52,8 @@ def coloured(tmp_path_factory):
 
 
 def _run(star, out, noise):
-    result = CliRunner().invoke(app, ["reconstruct", str(star), "-o", str(out), "--noise", noise,
-                                      "--epochs", "3", "--batch-size", "150"])
-    assert result.exit_code == 0, result.output
+    code, output = run_cli("reconstruct", star, "-o", out, "--noise", noise, "--epochs", 3, "--batch-size", 150)
+    assert code == 0, output
     return out
 
 

@@ -1,11 +1,12 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cryosgd.conventions import euler_to_matrix
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, CTFParams
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.model.ctf import CTFParams
 from cryosgd.model.forward import ForwardModel
 from cryosgd.objective.diagonal import exact_diagonal, hutchinson_probe, rademacher
 from cryosgd.objective.loss import LeastSquares
@@ -21,7 +22,7 @@ def _problem(interp, n_images=40, box=16, seed=0):
     images = torch.randn(n_images, len(grid.freq_px), generator=g, dtype=torch.complex128)
     batch = Batch(np.arange(n_images), euler_to_matrix(angles), torch.randn(n_images, 2, generator=g,
                   dtype=torch.float64), ctf, images)
-    objective = LeastSquares(ForwardModel(grid, interp), l2=1e-3)
+    objective = LeastSquares(ForwardModel(grid, interp), ridge=1e-3)
     x = torch.randn(grid.volume_shape, generator=g, dtype=torch.complex128)
     return objective, batch, x, g
 
@@ -83,16 +84,28 @@ def test_hutchinson_error_falls_like_one_over_sqrt_probes():
 
 def test_data_terms_are_the_quadratic_at_zero_with_per_group_noise_weights():
     objective, batch, x, g = _problem("trilinear")
-    objective.l2 = 0.0
     grid = objective.model.grid
-    batch.optics_group = torch.arange(len(batch)) % 2
-    objective.noise_weight = 0.5 + torch.rand(2, len(grid.freq_px), generator=g, dtype=torch.float64)
+    batch = dataclasses.replace(batch, optics_group=torch.arange(len(batch)) % 2)
+    noise_weight = 0.5 + torch.rand(2, len(grid.freq_px), generator=g, dtype=torch.float64)
+    objective = dataclasses.replace(objective, ridge=0.0, noise_weight=noise_weight)
     r = objective.residual(x, batch)
-    weight = grid.multiplicity * objective.noise_weight[batch.optics_group]
+    weight = grid.multiplicity * noise_weight[batch.optics_group]
     torch.testing.assert_close(objective.loss(x, batch), 0.5 * (weight * r.abs() ** 2).sum() / len(batch))
-    c, b, diagonal, density = objective.data_terms(batch)
+    terms = objective.data_terms(batch)
     loss0, gradient0 = objective.loss_and_gradient(torch.zeros_like(x), batch)
-    torch.testing.assert_close(c, loss0)
-    torch.testing.assert_close(b, -gradient0)
-    torch.testing.assert_close(diagonal, exact_diagonal(objective, batch, dtype=torch.float64))
-    torch.testing.assert_close(density.to(x.dtype), objective.hvp(torch.ones_like(x), batch))  # H·1
+    torch.testing.assert_close(terms.c / len(batch), loss0)
+    torch.testing.assert_close(terms.b / len(batch), -gradient0)
+    torch.testing.assert_close(terms.diagonal / len(batch), exact_diagonal(objective, batch, dtype=torch.float64))
+    torch.testing.assert_close((terms.density / len(batch)).to(x.dtype), objective.hvp(torch.ones_like(x), batch))  # H·1
+
+
+def test_row_weights_scale_each_image_and_the_count():
+    """Rows with weights ρ (soft poses) count ρ times: the loss of rows (ρ₁, ρ₂) is that of
+    the images repeated in those proportions, divided by Σρ."""
+    objective, batch, x, g = _problem("trilinear", n_images=6)
+    weight = torch.tensor([0.5, 1.0, 2.0, 0.0, 1.5, 1.0], dtype=torch.float64)
+    weighted = dataclasses.replace(batch, weight=weight)
+    r = objective.residual(x, batch)
+    per_image = 0.5 * (objective.model.grid.multiplicity * r.abs() ** 2).sum(1)
+    expected = (weight * per_image).sum() / weight.sum() + objective.ridge_loss(x)
+    torch.testing.assert_close(objective.loss(x, weighted), expected)

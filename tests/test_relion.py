@@ -8,9 +8,9 @@ import pytest
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.io.mrc import read_map, write_map
-from cryosgd.model.phantom import blob_phantom
-from cryosgd.model.project import project
-from cryosgd.model.simulate import SimulationSettings, simulate
+from cryosgd.sim.phantom import blob_phantom
+from cryosgd.sim.project import project
+from cryosgd.sim.simulate import SimulationSettings, simulate
 
 from conftest import correlation, random_particles
 
@@ -56,9 +56,9 @@ def test_relion_reconstructs_simulated_dataset(tmp_path, relion):
 def test_reconstruction_of_relion_project_data_matches_truth(tmp_path, relion):
     """relion_project makes noisy particles (SNR ≈ 0.04); cryosgd and relion_reconstruct
     reconstruct them; ours must correlate with the truth and be no worse than RELION's."""
-    from cryosgd.analysis.fsc import fsc
-    from cryosgd.recon.gold_standard import reconstruct
-    from cryosgd.recon.known_pose import ReconstructionSettings
+    from cryosgd.fourier.fsc import fsc
+    from cryosgd.api import reconstruct
+    from cryosgd.recon.settings import ReconstructionSettings
 
     box, pixel_A, n = 48, 2.5, 1200
     truth = blob_phantom(box, seed=8, sigma_px=1.5)

@@ -34,7 +34,7 @@ from cryosgd.analysis.hessian import full_grid, kappa_bound, kappa_of_diagonal, 
 from cryosgd.data.particles import read_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.model.simulate import SimulationSettings, random_table, simulate
+from cryosgd.sim.simulate import SimulationSettings, random_table, simulate
 from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings
 from cryosgd.report import save_curves, save_heatmap, write_lines
 

@@ -1,3 +1,3 @@
-from cryosgd.cli import app
+from cryosgd.cli import entry_point
 
-app(prog_name="cryosgd")
+entry_point()

@@ -1,226 +1,290 @@
-"""The ``cryosgd`` command: a thin layer over the Python API.
+"""The ``cryosgd`` command: a thin layer over :mod:`cryosgd.api` (argparse; nothing heavy is
+imported before the arguments are checked, so ``--help`` and mistakes answer at once).
 
-Bad input ends with one line on stderr, ``error: FILE: what is wrong``, and exit code 2.
+Bad input ends with one line on stderr, ``error: FILE: what is wrong`` (or ``error: argument
+--option: …``), and exit code 2; Ctrl-C with one line saying how to continue (exit code 130).
 """
 
 from __future__ import annotations
 
-import functools
-import time
-from importlib import resources
+import argparse
+import shlex
+import sys
 from pathlib import Path
-from typing import Optional
-
-import typer
 
 from cryosgd.errors import InputError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Cryo-EM reconstruction by preconditioned stochastic gradient descent.")
-
-Interp = typer.Option("trilinear", "--interp", help="trilinear or nearest")
-Device = typer.Option(None, "--device", help="torch device, e.g. cuda (default: cpu).")
-StarPixelSize = typer.Option(None, "--pixel-size", help="Pixel size (Å) for STAR 3.0 files that lack it.")
+from cryosgd.resources import quiet_openmp
 
 
-def _one_line_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float | None = None, open_low: bool = False):
+    """An argparse type: ``kind`` values ≥ ``low`` (> ``low`` when ``open_low``)."""
+    def parse(text: str):
         try:
-            return command(*args, **kwargs)
-        except InputError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-    return wrapper
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (low is not None and (value < low or (open_low and value == low))):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>' if open_low else '≥'} {low:g}")
+        return value
+    return parse
 
 
-def _check_interp(interp: str) -> str:
-    if interp not in ("trilinear", "nearest"):
-        raise InputError(None, f"--interp {interp}: expected trilinear or nearest")
-    return interp
+POSITIVE, NON_NEGATIVE = _number(float, 0, open_low=True), _number(float, 0)
+COUNT, NATURAL = _number(int, 1), _number(int, 0)
 
 
-@app.command()
-@_one_line_errors
-def project(
-    map_path: Path = typer.Argument(..., metavar="MAP.mrc", help="Real-space map to project."),
-    star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Poses, origins and CTFs (STAR 3.0/3.1)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output stack (.mrcs); a .star is written beside it."),
-    interp: str = Interp,
-    ctf: bool = typer.Option(True, "--ctf/--no-ctf", help="Apply each particle's CTF."),
-    pad: int = typer.Option(2, help="Fourier oversampling of the map (RELION's --pad)."),
-    batch_size: int = typer.Option(256, help="Images per batch."),
-    device: Optional[str] = Device,
-):
-    """Noise-free CTF-modulated projections of MAP at the STAR's poses (like relion_project --ctf)."""
-    from cryosgd.model.project import project as run
-
-    out_star = run(map_path, star, output, interp=_check_interp(interp), use_ctf=ctf, pad=pad,
-                   batch_size=batch_size, device=device)
-    typer.echo(f"wrote {output} and {out_star}")
+def _add_common(p: argparse.ArgumentParser, device: bool = True, force: bool = True) -> None:
+    if device:
+        p.add_argument("--device", metavar="DEVICE", help="torch device: cpu, cuda, cuda:1, … (default: cpu)")
+        p.add_argument("--threads", type=COUNT, metavar="N", help="CPU threads (default: the CPUs this process may use)")
+    if force:
+        p.add_argument("--force", action="store_true", help="replace existing outputs of another run")
 
 
-@app.command()
-@_one_line_errors
-def simulate(
-    source: Path = typer.Argument(..., metavar="MAP.mrc|MODEL.pdb|MODEL.cif", help="Map or atomic model."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    n_particles: int = typer.Option(1000, "-n", "--particles", help="Number of particles."),
-    snr: float = typer.Option(0.1, help="Signal variance / noise variance per image."),
-    box: Optional[int] = typer.Option(None, help="Box (px) for an atomic model."),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size (Å) for an atomic model."),
-    poses: Optional[Path] = typer.Option(None, help="Take orientations from this STAR instead of uniform."),
-    shift_sigma: float = typer.Option(3.0, help="Std of the random origins (Å)."),
-    defocus_min: float = typer.Option(8000.0, help="Smallest mean defocus (Å)."),
-    defocus_max: float = typer.Option(25000.0, help="Largest mean defocus (Å)."),
-    astigmatism: float = typer.Option(1000.0, help="Largest defocus U − V (Å)."),
-    bfactor: float = typer.Option(0.0, help="B-factor (Å²) of an envelope applied to the ground truth."),
-    seed: int = typer.Option(0, help="Random seed."),
-    device: Optional[str] = Device,
-):
-    """A particle dataset (STAR 3.1 + MRCS + ground_truth.mrc) with known poses, CTFs and noise."""
-    from cryosgd.model.simulate import SimulationSettings
-    from cryosgd.model.simulate import simulate as run
-
-    settings = SimulationSettings(n_particles=n_particles, snr=snr, shift_sigma_A=shift_sigma,
-                                  defocus_min_A=defocus_min, defocus_max_A=defocus_max,
-                                  astigmatism_max_A=astigmatism, bfactor_A2=bfactor, seed=seed)
-    star = run(source, output, settings, box_px=box, pixel_A=pixel_size, poses_star=poses, device=device)
-    typer.echo(f"wrote {star}, {output / 'particles.mrcs'} and {output / 'ground_truth.mrc'}")
+def _interp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interp", choices=("trilinear", "nearest"), default="trilinear",
+                   help="Fourier-space interpolation of the slices (default: %(default)s)")
 
 
-@app.command()
-@_one_line_errors
-def reconstruct(
-    star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Particles with known poses (STAR 3.0/3.1)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    method: str = typer.Option("algorithm1", help="algorithm1, sgd, exact-diag, cg or pcg (CG preconditioned by the exact diagonal)."),
-    epochs: int = typer.Option(3, help="Passes over the data after the first (CG: iterations); 0 writes the one-pass map."),
-    batch_size: int = typer.Option(1000, help="Images per step (the paper: 1000)."),
-    interp: str = Interp,
-    box: Optional[int] = typer.Option(None, help="Working box (px): Fourier-crop the images to it."),
-    l2: float = typer.Option(1e-8, help="Ridge weight λ."),
-    prior: str = typer.Option("wiener", help="wiener (per-shell ridge from the half-map FSC, as RELION's τ²) or none."),
-    shell_ridge: float = typer.Option(1e-3, help="Ridge floor: this fraction of each shell's mean data density H·1."),
-    d0: str = typer.Option("exact", help="Algorithm 1's initial diagonal: exact (from the first pass) or one (the paper)."),
-    start: str = typer.Option("backprojection", help="SGD methods' first map: backprojection (the one-pass map b / H·1) or zero (the paper)."),
-    noise: str = typer.Option("white", help="white (σ = 1: the paper, relion_reconstruct) or estimate (σ² per "
-                                            "image shell from the residuals to the one-pass maps; costs a second "
-                                            "first pass; for coloured noise, as in real micrographs)."),
-    pixel_size: Optional[float] = StarPixelSize,
-    device: Optional[str] = Device,
-    seed: int = typer.Option(0, help="Random seed (batch order, probes, half-set split)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTDIR/checkpoint.pt."),
-):
-    """Gold-standard known-pose reconstruction: half maps, map, FSC, metrics, plots, checkpoints."""
-    from cryosgd.recon.gold_standard import reconstruct as run
-    from cryosgd.recon.known_pose import ReconstructionSettings
-
-    settings = ReconstructionSettings(method=method, epochs=epochs, batch_size=batch_size,
-                                      interp=_check_interp(interp), work_box_px=box, l2=l2, prior=prior,
-                                      shell_ridge=shell_ridge, d0=d0, start=start, noise=noise, seed=seed)
-    result = run(star, output, settings, resume=resume, device=device, pixel_A=pixel_size)
-    typer.echo(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å")
-    typer.echo(f"maps: {output / 'map.mrc'}, {output / 'half1.mrc'}, {output / 'half2.mrc'}; "
-               f"FSC: {output / 'fsc.csv'}, {output / 'fsc.png'}")
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cryosgd", description="Cryo-EM reconstruction by preconditioned stochastic gradient descent.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    for add in (_project_args, _simulate_args, _reconstruct_args, _fsc_args, _hessian_args, _demo_args):
+        add(commands)
+    return parser
 
 
-@app.command()
-@_one_line_errors
-def fsc(
-    map_a: Path = typer.Argument(..., metavar="A.mrc"),
-    map_b: Path = typer.Argument(..., metavar="B.mrc"),
-    mask: Optional[Path] = typer.Option(None, help="Multiply both maps by this mask first."),
-):
-    """FSC of two maps per RELION shell, and the resolutions at FSC 0.5 and 0.143."""
-    from cryosgd.analysis.fsc import fsc as compute
-    from cryosgd.io.mrc import read_map
+def _project_args(commands) -> None:
+    p = commands.add_parser("project", help="noise-free CTF-modulated projections at a STAR file's poses",
+                            description="Noise-free CTF-modulated projections of MAP at the STAR's poses, origins "
+                                        "and CTFs (like relion_project --ctf). Writes OUT.mrcs and OUT.star.")
+    p.add_argument("map", type=Path, metavar="MAP.mrc", help="real-space map to project")
+    p.add_argument("star", type=Path, metavar="PARTICLES.star", help="poses, origins and CTFs (STAR 3.0/3.1)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.mrcs",
+                   help="new image stack; OUT.star is written beside it")
+    _interp(p)
+    p.add_argument("--no-ctf", dest="ctf", action="store_false", help="do not apply the CTF")
+    p.add_argument("--pad", type=COUNT, default=2, metavar="N", help="Fourier oversampling of the map (default: 2)")
+    p.add_argument("--batch-size", type=COUNT, default=256, metavar="N", help="images per batch (default: 256)")
+    _add_common(p)
+    p.set_defaults(run=_project)
 
-    a, pixel_A = read_map(map_a)
-    b, _ = read_map(map_b)
-    m = None if mask is None else read_map(mask)[0]
-    for path, other in ((map_b, b), (mask, m)):
-        if other is not None and other.shape != a.shape:
-            raise InputError(path, f"shape {other.shape} differs from {map_a} {a.shape}")
-    curve = compute(a, b, pixel_A, m)
-    typer.echo("shell  resolution_A  fsc")
+
+def _simulate_args(commands) -> None:
+    p = commands.add_parser("simulate", help="a particle dataset with known ground truth",
+                            description="A particle dataset (STAR 3.1 + MRCS + ground_truth.mrc) from a map or an "
+                                        "atomic model, with known poses, CTFs and noise.")
+    p.add_argument("source", type=Path, metavar="MAP.mrc|MODEL.pdb|MODEL.cif", help="map or atomic model")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER", help="output folder")
+    p.add_argument("-n", "--particles", type=COUNT, default=1000, metavar="N", help="number of particles (default: 1000)")
+    p.add_argument("--snr", type=POSITIVE, default=0.1, help="signal variance / noise variance per image (default: 0.1)")
+    p.add_argument("--box", type=COUNT, metavar="PX", help="box (px) for an atomic model")
+    p.add_argument("--pixel-size", type=POSITIVE, metavar="Å", help="pixel size (Å) for an atomic model")
+    p.add_argument("--poses", type=Path, metavar="STAR", help="take orientations from this STAR file instead of uniform")
+    p.add_argument("--shift-sigma", type=NON_NEGATIVE, default=3.0, metavar="Å", help="std of the origins (default: 3 Å)")
+    p.add_argument("--defocus-min", type=POSITIVE, default=8000.0, metavar="Å", help="smallest mean defocus (default: 8000 Å)")
+    p.add_argument("--defocus-max", type=POSITIVE, default=25000.0, metavar="Å", help="largest mean defocus (default: 25000 Å)")
+    p.add_argument("--astigmatism", type=NON_NEGATIVE, default=1000.0, metavar="Å", help="largest defocus U − V (default: 1000 Å)")
+    p.add_argument("--bfactor", type=NON_NEGATIVE, default=0.0, metavar="Å²", help="B-factor envelope of the ground truth (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_simulate)
+
+
+def _reconstruct_args(commands) -> None:
+    p = commands.add_parser("reconstruct", help="gold-standard reconstruction with known poses",
+                            description="Gold-standard known-pose reconstruction: half maps, map, FSC, metrics, plots, "
+                                        "checkpoints (docs/reconstruction.md).")
+    p.add_argument("star", type=Path, metavar="PARTICLES.star", help="particles with known poses (STAR 3.0/3.1)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER", help="output folder")
+    p.add_argument("--method", choices=("algorithm1", "sgd", "exact-diag", "cg", "pcg"), default="algorithm1",
+                   help="algorithm1 (the paper's), sgd, exact-diag, cg, or pcg (CG preconditioned by the exact "
+                        "diagonal) (default: %(default)s)")
+    p.add_argument("--epochs", type=NATURAL, metavar="N",
+                   help="passes after the first (CG: iterations); 0 writes the one-pass map (default: while the "
+                        "half-map FSC rises, at most --max-epochs)")
+    p.add_argument("--max-epochs", type=COUNT, default=10, metavar="N", help="most epochs without --epochs (default: 10)")
+    p.add_argument("--batch-size", type=COUNT, default=1000, metavar="N", help="images per step (default: 1000)")
+    _interp(p)
+    p.add_argument("--box", type=COUNT, metavar="PX", help="working box (px): Fourier-crop the images to it")
+    p.add_argument("--l2", type=NON_NEGATIVE, default=1e-8, metavar="λ", help="ridge weight (default: 1e-8)")
+    p.add_argument("--prior", choices=("wiener", "none"), default="wiener",
+                   help="wiener: per-shell ridge from the half-map FSC (RELION's τ²), or none (default: %(default)s)")
+    p.add_argument("--shell-ridge", type=NON_NEGATIVE, default=1e-3, metavar="ρ",
+                   help="ridge floor: this fraction of each shell's mean data density (default: 1e-3)")
+    p.add_argument("--d0", choices=("exact", "one"), default="exact",
+                   help="Algorithm 1's initial diagonal: the exact one of the first pass, or one as in the paper "
+                        "(default: %(default)s)")
+    p.add_argument("--start", choices=("backprojection", "zero"), default="backprojection",
+                   help="SGD methods' first map: the one-pass map, or zero as in the paper (default: %(default)s)")
+    p.add_argument("--noise", choices=("white", "estimate"), default="white",
+                   help="white (σ = 1, as the paper and relion_reconstruct) or estimate (σ² per image shell and "
+                        "optics group, from the residuals to the one-pass maps) (default: %(default)s)")
+    p.add_argument("--store", choices=("auto", "memory", "disk"), default="auto",
+                   help="keep the FFT'd images in memory, re-read them from disk every pass, or auto: memory when "
+                        "they take less than half of what is free (default: %(default)s)")
+    p.add_argument("--store-dtype", choices=("complex64", "bfloat16"), default="complex64",
+                   help="precision of the images kept in memory; bfloat16 takes half (default: %(default)s)")
+    p.add_argument("--pixel-size", type=POSITIVE, metavar="Å", help="pixel size for STAR 3.0 files that lack it")
+    p.add_argument("--seed", type=int, default=0, help="random seed: batch order, probes, half-set split (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from FOLDER/checkpoint.pt")
+    _add_common(p)
+    p.set_defaults(run=_reconstruct, resumable=True)
+
+
+def _fsc_args(commands) -> None:
+    p = commands.add_parser("fsc", help="FSC of two maps",
+                            description="FSC of two maps per RELION shell, and the resolutions at 0.5 and 0.143.")
+    p.add_argument("map_a", type=Path, metavar="A.mrc")
+    p.add_argument("map_b", type=Path, metavar="B.mrc")
+    p.add_argument("--mask", type=Path, metavar="MASK.mrc", help="multiply both maps by this mask first")
+    p.set_defaults(run=_fsc)
+
+
+def _hessian_args(commands) -> None:
+    p = commands.add_parser("hessian", help="the paper's conditioning analysis on your particles",
+                            description="Hessian diagonal (MRC), its radial profile and κ(R), as in the paper's "
+                                        "conditioning analysis (docs/reproduction.md).")
+    p.add_argument("star", type=Path, metavar="PARTICLES.star", help="particles with poses (and CTFs)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER", help="output folder")
+    _interp(p)
+    p.add_argument("--method", choices=("exact", "hutchinson"), default="exact",
+                   help="exact (one scatter of squared weights) or hutchinson (default: %(default)s)")
+    p.add_argument("--probes", type=COUNT, default=100, metavar="N", help="Hutchinson probes (default: 100)")
+    p.add_argument("--no-ctf", action="store_true", help="ignore the CTF (H of the projections alone)")
+    p.add_argument("--box", type=COUNT, metavar="PX", help="working box (px): the Fourier-cropped grid to analyse")
+    p.add_argument("--l2", type=POSITIVE, default=1e-8, metavar="λ", help="ridge added to H (default: 1e-8)")
+    p.add_argument("--batch-size", type=COUNT, default=1000, metavar="N", help="images per pass and probe (default: 1000)")
+    p.add_argument("--lanczos-iterations", type=NATURAL, default=30, metavar="N",
+                   help="Lanczos steps for κ of H and D⁻¹H, trilinear only; 0 skips (default: 30)")
+    p.add_argument("--lanczos-radii", type=COUNT, default=6, metavar="N", help="ball radii for Lanczos (default: 6)")
+    p.add_argument("--pixel-size", type=POSITIVE, metavar="Å", help="pixel size for STAR 3.0 files that lack it")
+    p.add_argument("--seed", type=int, default=0, help="random seed: probes, Lanczos starts (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_hessian)
+
+
+def _demo_args(commands) -> None:
+    p = commands.add_parser("demo", help="simulate ubiquitin particles and reconstruct them",
+                            description="Simulate particles of ubiquitin (PDB 1UBQ, shipped; box 64, 1.5 Å, SNR 0.01) "
+                                        "and reconstruct them with known poses.")
+    p.add_argument("-o", "--output", type=Path, default=Path("cryosgd-demo"), metavar="FOLDER",
+                   help="output folder (default: cryosgd-demo)")
+    p.add_argument("-n", "--particles", type=_number(int, 2), default=6000, metavar="N",
+                   help="number of particles (default: 6000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_demo)
+
+
+def _project(a) -> None:
+    from cryosgd.api import project
+    from cryosgd.resources import resolve_device
+
+    star = project(a.map, a.star, a.output, force=a.force, interp=a.interp, use_ctf=a.ctf, pad=a.pad,
+                   batch_size=a.batch_size, device=resolve_device(a.device))
+    print(f"wrote {a.output} and {star}")
+
+
+def _simulate(a) -> None:
+    from cryosgd.api import simulate
+    from cryosgd.resources import resolve_device
+    from cryosgd.sim.simulate import SimulationSettings
+
+    settings = SimulationSettings(n_particles=a.particles, snr=a.snr, shift_sigma_A=a.shift_sigma,
+                                  defocus_min_A=a.defocus_min, defocus_max_A=a.defocus_max,
+                                  astigmatism_max_A=a.astigmatism, bfactor_A2=a.bfactor, seed=a.seed)
+    star = simulate(a.source, a.output, settings, box_px=a.box, pixel_A=a.pixel_size, poses_star=a.poses,
+                    device=resolve_device(a.device), force=a.force)
+    print(f"wrote {star}, {a.output / 'particles.mrcs'} and {a.output / 'ground_truth.mrc'}")
+
+
+def _reconstruct(a) -> None:
+    from cryosgd import dist
+    from cryosgd.api import reconstruct
+    from cryosgd.recon.settings import ReconstructionSettings
+
+    settings = ReconstructionSettings(method=a.method, epochs=a.epochs, max_epochs=a.max_epochs,
+                                      batch_size=a.batch_size, interp=a.interp, work_box_px=a.box, l2=a.l2,
+                                      prior=a.prior, shell_ridge=a.shell_ridge, d0=a.d0, start=a.start, noise=a.noise,
+                                      store=a.store, store_dtype=a.store_dtype, seed=a.seed)
+    result = reconstruct(a.star, a.output, settings, resume=a.resume, force=a.force, device=a.device,
+                         pixel_A=a.pixel_size)
+    if dist.is_main():
+        print(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å (maps of epoch {result.epoch})")
+        print(f"maps: {a.output / 'map.mrc'}, {a.output / 'half1.mrc'}, {a.output / 'half2.mrc'}; "
+              f"FSC: {a.output / 'fsc.csv'}, {a.output / 'fsc.png'}; progress: {a.output / 'progress.png'}")
+
+
+def _fsc(a) -> None:
+    from cryosgd.api import fsc
+
+    curve = fsc(a.map_a, a.map_b, a.mask)
+    print("shell  resolution_A  fsc")
     for i, (r, f) in enumerate(zip(curve.resolution_A, curve.fsc)):
-        typer.echo(f"{i:5d}  {r:12.2f}  {f:7.4f}")
-    typer.echo(f"resolution at FSC 0.5: {curve.resolution_at(0.5):.2f} Å")
-    typer.echo(f"resolution at FSC 0.143: {curve.resolution_at(0.143):.2f} Å")
+        print(f"{i:5d}  {r:12.2f}  {f:7.4f}")
+    print(f"resolution at FSC 0.5: {curve.resolution_at(0.5):.2f} Å")
+    print(f"resolution at FSC 0.143: {curve.resolution_at(0.143):.2f} Å")
 
 
-@app.command()
-@_one_line_errors
-def hessian(
-    star: Path = typer.Argument(..., metavar="PARTICLES.star", help="Particles with poses (and CTFs)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    interp: str = Interp,
-    method: str = typer.Option("exact", help="exact (one scatter of squared weights) or hutchinson."),
-    probes: int = typer.Option(100, help="Hutchinson probes (one H·z on one batch each)."),
-    no_ctf: bool = typer.Option(False, "--no-ctf", help="Ignore the CTF (H of the projections alone)."),
-    box: Optional[int] = typer.Option(None, help="Working box (px): the Fourier-cropped grid to analyse."),
-    l2: float = typer.Option(1e-8, help="Ridge λ added to H."),
-    batch_size: int = typer.Option(1000, help="Images per pass (and per Hutchinson probe)."),
-    lanczos_iterations: int = typer.Option(30, help="Lanczos steps for κ of H and D⁻¹H (trilinear; 0: skip)."),
-    lanczos_radii: int = typer.Option(6, help="Ball radii for the Lanczos estimates."),
-    pixel_size: Optional[float] = StarPixelSize,
-    device: Optional[str] = Device,
-    seed: int = typer.Option(0),
-):
-    """Hessian diagonal (MRC), its radial profile and κ(R), as in the paper's conditioning analysis."""
-    from cryosgd.analysis.conditioning import HessianSettings, analyse
+def _hessian(a) -> None:
+    from cryosgd.analysis.conditioning import HessianSettings
+    from cryosgd.api import hessian
 
-    settings = HessianSettings(interp=_check_interp(interp), method=method, probes=probes, use_ctf=not no_ctf,
-                               work_box_px=box, l2=l2, batch_size=batch_size, lanczos_iterations=lanczos_iterations,
-                               lanczos_radii=lanczos_radii, seed=seed)
-    report = analyse(star, output, settings, pixel_A=pixel_size, device=device)
+    settings = HessianSettings(interp=a.interp, method=a.method, probes=a.probes, use_ctf=not a.no_ctf,
+                               work_box_px=a.box, l2=a.l2, batch_size=a.batch_size,
+                               lanczos_iterations=a.lanczos_iterations, lanczos_radii=a.lanczos_radii, seed=a.seed)
+    report = hessian(a.star, a.output, settings, force=a.force, pixel_A=a.pixel_size, device=a.device)
     r = len(report.radii) - 1
-    typer.echo(f"κ of diag(H) at R = {int(report.radii[r])}: {report.kappa_diagonal[r]:.4g} "
-               f"(bound {report.bound[r]:.4g})")
+    print(f"κ of diag(H) at R = {int(report.radii[r])}: {report.kappa_diagonal[r]:.4g} (bound {report.bound[r]:.4g})")
     for radius, (kappa_h, kappa_p) in sorted(report.lanczos.items()):
-        typer.echo(f"R = {radius}: κ(H) ≥ {kappa_h:.4g}, κ(D⁻¹H) ≥ {kappa_p:.4g} (Lanczos)")
-    typer.echo(f"wrote {output / 'hessian_diagonal.mrc'}, radial_profile.csv/png, kappa.csv/png")
+        print(f"R = {radius}: κ(H) ≥ {kappa_h:.4g}, κ(D⁻¹H) ≥ {kappa_p:.4g} (Lanczos)")
+    print(f"wrote {a.output / 'hessian_diagonal.mrc'}, radial_profile.csv/png, kappa.csv/png")
 
 
-@app.command()
-@_one_line_errors
-def demo(
-    output: Path = typer.Option(Path("cryosgd-demo"), "-o", "--output", help="Output folder."),
-    n_particles: int = typer.Option(6000, "-n", "--particles"),
-    epochs: int = typer.Option(3),
-    seed: int = typer.Option(0),
-):
-    """Simulate particles of ubiquitin (PDB 1UBQ, shipped) and reconstruct them with known poses."""
-    import numpy as np
+def _demo(a) -> None:
+    from cryosgd.api import demo
 
-    from cryosgd.analysis.fsc import fsc as compute_fsc
-    from cryosgd.data.particles import read_particles
-    from cryosgd.data.stack import ImageStack
-    from cryosgd.io.mrc import read_map
-    from cryosgd.model.simulate import SimulationSettings, simulate as run_simulate
-    from cryosgd.recon.gold_standard import reconstruct as run_reconstruct
-    from cryosgd.recon.known_pose import ReconstructionSettings
-    from cryosgd.report import save_montage
-
-    start = time.perf_counter()
-    model = resources.files("cryosgd") / "data" / "1ubq.pdb"
-    with resources.as_file(model) as pdb:
-        settings = SimulationSettings(n_particles=n_particles, snr=0.01, defocus_min_A=5000.0,
-                                      defocus_max_A=15000.0, bfactor_A2=60.0, seed=seed)
-        star = run_simulate(pdb, output / "data", settings, box_px=64, pixel_A=1.5)
-    typer.echo(f"simulated {n_particles} particles of 1UBQ (box 64, 1.5 Å, SNR 0.01, B 60 Å²): {star}")
-    save_montage(output / "particles.png", {"simulated particles": ImageStack(read_particles(star)).read(np.arange(6))})
-    result = run_reconstruct(star, output, ReconstructionSettings(epochs=epochs, seed=seed))
-    truth, pixel_A = read_map(output / "data" / "ground_truth.mrc")
-    reconstruction, _ = read_map(output / "map.mrc")
-    against_truth = compute_fsc(reconstruction, truth, pixel_A)
-    typer.echo(f"resolution: {result.resolution_A:.2f} Å (half-map FSC 0.143); "
-               f"{against_truth.resolution_at(0.5):.2f} Å against the ground truth (FSC 0.5)")
-    typer.echo(f"maps: {output / 'map.mrc'}, half maps beside it; plots: {output / 'fsc.png'}, "
-               f"{output / 'loss.png'}, {output / 'particles.png'}")
-    typer.echo(f"done in {time.perf_counter() - start:.0f} s")
+    result = demo(a.output, a.particles, a.seed, force=a.force, device=a.device, on_simulated=lambda star: print(
+        f"simulated {a.particles} particles of 1UBQ (box 64, 1.5 Å, SNR 0.01, B 60 Å²): {star}", flush=True))
+    print(f"resolution: {result.reconstruction.resolution_A:.2f} Å (half-map FSC 0.143); "
+          f"{result.against_truth.resolution_at(0.5):.2f} Å against the ground truth (FSC 0.5)")
+    print(f"maps: {a.output / 'map.mrc'}, half maps beside it; plots: {a.output / 'fsc.png'}, "
+          f"{a.output / 'fsc_truth.png'}, {a.output / 'progress.png'}, {a.output / 'particles.png'}")
+    print(f"done in {result.seconds:.0f} s")
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn bad input and Ctrl-C into one line; returns the exit code."""
+    quiet_openmp()
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "threads"):
+            from cryosgd.resources import configure_threads
+
+            configure_threads(args.threads)
+        args.run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(_interrupted(getattr(args, "resumable", False), sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
+    return 0
+
+
+def _interrupted(resumable: bool, argv: list[str]) -> str:
+    if not resumable:
+        return "interrupted: nothing was left half-written; run the command again to redo it"
+    args = [a for a in argv if a not in ("--resume", "--force")]
+    return ("interrupted: the last finished epoch is in the output folder's checkpoint.pt; continue with: "
+            f"cryosgd {shlex.join(args)} --resume")
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -31,11 +31,12 @@ from cryosgd.analysis.hessian import (RestrictedHessian, full_grid, kappa_bound,
 from cryosgd.data.particles import read_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
-from cryosgd.fourier.grids import FourierGrid
+from cryosgd.fourier.grids import FourierGrid, voxel_multiplicity
 from cryosgd.io.mrc import write_map
-from cryosgd.objective.diagonal import exact_diagonal, hutchinson_probe, rademacher
-from cryosgd.objective.loss import voxel_multiplicity
-from cryosgd.recon.known_pose import HalfSet, ReconstructionSettings
+from cryosgd.objective.diagonal import exact_diagonal_sum, hutchinson_probe, rademacher
+from cryosgd.objective.loss import LeastSquares
+from cryosgd.recon.halves import HalfSet
+from cryosgd.recon.settings import ReconstructionSettings
 from cryosgd.report import save_curves, write_lines
 
 
@@ -73,7 +74,7 @@ def analyse(star: str | Path, out_dir: str | Path, settings: HessianSettings = H
     out_dir = Path(out_dir)
     table = read_particles(star, pixel_A=pixel_A)
     table.require_poses()
-    grid = FourierGrid.create(_box_px(table), table.pixel_A, settings.work_box_px)
+    grid = FourierGrid.create(_box_px(table), table.pixel_A, settings.work_box_px, source=table.source)
     recon = ReconstructionSettings(interp=settings.interp, batch_size=settings.batch_size, l2=settings.l2,
                                    use_ctf=settings.use_ctf, seed=settings.seed)
     half = HalfSet(table, None, grid, recon, 0, device, dtype)  # poses and CTFs only: no images are read
@@ -106,21 +107,39 @@ def _diagonal(half: HalfSet, settings: HessianSettings) -> torch.Tensor:
     return next(itertools.islice(hutchinson_estimates(half, settings.seed), settings.probes - 1, None))
 
 
+def _objective(half: HalfSet) -> LeastSquares:
+    """The half's loss with the ridge λ of its settings (white noise)."""
+    return LeastSquares(half.model, half.settings.l2)
+
+
 def exact_hessian_diagonal(half: HalfSet) -> torch.Tensor:
     """diag(H) over all of ``half``'s images (mean over images, ridge included), one pass."""
-    return half.full_mean(lambda batch: exact_diagonal(half.objective, batch, half.dtype))
+    objective = _objective(half)
+    data, = half.pass_mean(lambda batch: (exact_diagonal_sum(objective, batch, half.dtype),))
+    return data + objective.ridge_diagonal(half.grid.volume_shape, half.device, half.dtype)
+
+
+def full_hvp(half: HalfSet):
+    """z ↦ H z over all of ``half``'s images, for a stack of maps ``z (K, n, n, nh)``."""
+    objective = _objective(half)
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        data, = half.pass_mean(lambda batch: (objective.data_hvp(z, batch),))
+        return data + objective.ridge_gradient(z)
+    return apply
 
 
 def hutchinson_estimates(half: HalfSet, seed: int = 0) -> Iterator[torch.Tensor]:
     """Hutchinson's running estimate of diag(H) after each probe: one H·z per batch, epoch after
     epoch (the batch order of epoch e as in training)."""
+    objective = _objective(half)
     generator = torch.Generator(device=half.device).manual_seed(seed)
     complex_dtype = torch.promote_types(half.dtype, torch.complex64)
     total, count = None, 0
     for epoch in itertools.count(1):
-        for batch in half.batches(epoch):
+        for batch in half.parts(epoch):
             z = rademacher(half.grid.volume_shape, generator, complex_dtype, half.device)
-            estimate = hutchinson_probe(half.objective, batch, z)
+            estimate = hutchinson_probe(objective, batch, z)
             total = estimate if total is None else total + estimate
             count += 1
             yield total / count
@@ -138,7 +157,7 @@ def _lanczos(half: HalfSet, diagonal: torch.Tensor, settings: HessianSettings) -
               "D⁻¹H": preconditioner.rsqrt()}
     kappas = {}
     for name, scale in scales.items():
-        operator = RestrictedHessian(half.objective, half.full_mean, radii, scale)
+        operator = RestrictedHessian(full_hvp(half), radii, scale)
         kappas[name] = operator.extremes(settings.lanczos_iterations, settings.seed).condition_number
     return {int(r): (float(kappas["H"][i]), float(kappas["D⁻¹H"][i])) for i, r in enumerate(radii)}
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosgd.analysis.fsc import fsc_of_ft
-from cryosgd.recon.known_pose import HalfSet, init_half, run_epoch
+from cryosgd.fourier.fsc import fsc_of_ft
+from cryosgd.recon.halves import HalfSet
+from cryosgd.recon.known_pose import HalfState, data_terms, initial_state, run_epoch
 
 
 @dataclass(frozen=True)
@@ -24,23 +25,28 @@ class Trace:
     loss: list[float]
 
 
+def start(half: HalfSet) -> HalfState:
+    """One half's state after the first pass, without a prior (a single half has no FSC)."""
+    return initial_state(half, data_terms(half), None)
+
+
 def converged(half: HalfSet, iterations: int) -> torch.Tensor:
     """The reference: ``iterations`` of Jacobi-preconditioned CG (``half`` must use method pcg)."""
-    state = init_half(half)
+    state = start(half)
     for epoch in range(1, iterations + 1):
-        state = run_epoch(half, state, epoch)
-    return state["x"]
+        state, _ = run_epoch(half, state, epoch)
+    return state.x
 
 
 def trace(half: HalfSet, reference: torch.Tensor, epochs: int) -> Trace:
     """Run ``half.settings`` for ``epochs`` epochs, measuring FSC to ``reference`` after each."""
     box = half.grid.work_box_px
-    state = init_half(half)
-    curves, losses = [fsc_of_ft(state["x"], reference, box)], []
+    state = start(half)
+    curves, losses = [fsc_of_ft(state.x, reference, box)], []
     for epoch in range(1, epochs + 1):
-        state = run_epoch(half, state, epoch)
-        curves.append(fsc_of_ft(state["x"], reference, box))
-        losses.append(state["metrics"]["loss"])
+        state, metrics = run_epoch(half, state, epoch)
+        curves.append(fsc_of_ft(state.x, reference, box))
+        losses.append(metrics["loss"])
     return Trace(np.nan_to_num(np.array(curves)), losses)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cryosgd.analysis.lanczos import Extremes, lanczos
-from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
+from cryosgd.fourier.grids import voxel_multiplicity
 
 
 def _mirror(plane: Tensor) -> Tensor:
@@ -98,13 +98,13 @@ class RestrictedHessian:
     restricted to the balls |k| < R_K − ½ (P: :func:`hermitian`; B and P commute since k and −k
     share |k|).
 
-    ``scale`` S is ``m₃^{-1/2}`` for H in the full-grid normalisation, or ``(diag H)^{-1/2}``
-    for the diagonally preconditioned D⁻¹H (similar to D^{-1/2} H D^{-1/2}). ``mean_over_data``
-    averages a per-batch function over all images (:meth:`HalfSet.full_mean`).
+    ``hvp`` applies H to a stack of maps (over all the data). ``scale`` S is ``m₃^{-1/2}`` for
+    H in the full-grid normalisation, or ``(diag H)^{-1/2}`` for the diagonally preconditioned
+    D⁻¹H (similar to D^{-1/2} H D^{-1/2}).
     """
 
-    def __init__(self, objective: LeastSquares, mean_over_data: Callable, radii: Tensor, scale: Tensor):
-        self.objective, self.mean_over_data, self.scale = objective, mean_over_data, scale
+    def __init__(self, hvp: Callable[[Tensor], Tensor], radii: Tensor, scale: Tensor):
+        self.hvp, self.scale = hvp, scale
         n = scale.shape[0]
         shells = radius_px(n, scale.device)[..., : n // 2 + 1]
         self.balls = (shells[None] < radii.to(scale.device)[:, None, None, None] - 0.5 - 1e-9).to(scale.dtype)
@@ -114,7 +114,7 @@ class RestrictedHessian:
 
     def __call__(self, x: Tensor) -> Tensor:
         z = self.restrict(x) * self.scale
-        return self.restrict(self.scale * self.mean_over_data(lambda batch: self.objective.hvp_many(z, batch)))
+        return self.restrict(self.scale * self.hvp(z))
 
     def extremes(self, iterations: int, seed: int = 0) -> Extremes:
         """Lanczos estimates of the extreme eigenvalues, one per ball, from random starts."""

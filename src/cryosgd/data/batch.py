@@ -1,24 +1,60 @@
-"""Batch: what the forward model needs about a set of particles, as tensors on a device.
+"""Batch: what the forward model needs about a set of particles, as tensors on one device.
 
-Poses are plain fields so that later pose search can replace them between steps.
+A Batch is immutable: new poses make a new Batch (:meth:`Batch.with_poses`, or
+``dataclasses.replace``), and a value derived from its fields (the CTF · phase factor of the
+forward model) is cached on that Batch only, under a key that names the tensors it was
+computed from and their versions, so that it can never outlive them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cryosgd.conventions import euler_to_matrix, images_to_ft
+from cryosgd.conventions import euler_to_matrix
 from cryosgd.data.particles import ParticleTable
-from cryosgd.data.stack import ImageStack
-from cryosgd.fourier.grids import FourierGrid
-from cryosgd.model.ctf import CTFParams
 
 
-@dataclass
+@dataclass(frozen=True)
+class CTFParams:
+    """Per-particle CTF parameters, each a ``(B,)`` tensor (RELION's units: Å, degrees, kV, mm)."""
+
+    defocus_u_A: Tensor
+    defocus_v_A: Tensor
+    defocus_angle_deg: Tensor
+    voltage_kV: Tensor
+    cs_mm: Tensor
+    amplitude_contrast: Tensor
+    phase_shift_deg: Tensor
+    bfactor_A2: Tensor
+    scale: Tensor
+
+    @classmethod
+    def from_table(cls, table: ParticleTable, index: np.ndarray | None = None,
+                   dtype: torch.dtype = torch.float64, device=None) -> CTFParams:
+        """The CTF parameters of ``table`` (optics joined per particle), optionally a subset."""
+        columns = {
+            "defocus_u_A": table.defocus_u_A, "defocus_v_A": table.defocus_v_A,
+            "defocus_angle_deg": table.defocus_angle_deg, "voltage_kV": table.per_particle("voltage_kV"),
+            "cs_mm": table.per_particle("cs_mm"), "amplitude_contrast": table.per_particle("amplitude_contrast"),
+            "phase_shift_deg": table.phase_shift_deg, "bfactor_A2": table.bfactor_A2, "scale": table.ctf_scale,
+        }
+        pick = slice(None) if index is None else index
+        return cls(**{k: torch.as_tensor(np.asarray(v)[pick], dtype=dtype, device=device)
+                      for k, v in columns.items()})
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> CTFParams:
+        return CTFParams(*(c.to(device=device, dtype=dtype) for c in self.columns()))
+
+    def columns(self) -> tuple[Tensor, ...]:
+        """The ``(B,)`` parameters in field order (that of :func:`cryosgd.model.ctf.ctf_formula`)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True, eq=False)
 class Batch:
     """Particles ``index`` of a table: rotations, shifts, CTF and (optionally) images.
 
@@ -30,7 +66,8 @@ class Batch:
         images_ft: ``(B, P)`` complex disc values of the images' rfft2 (grid order), or None.
         optics_group: ``(B,)`` 0-based optics-group index (selects the noise spectrum), or None
             for a single group.
-        cache: values derived from the fields (e.g. the CTF · phase factor), computed once.
+        weight: ``(B,)`` weight of each row in the objective (a pose's posterior probability
+            when rows are (image, pose) pairs), or None for 1.
     """
 
     index: np.ndarray
@@ -39,7 +76,8 @@ class Batch:
     ctf: CTFParams | None
     images_ft: Tensor | None = None
     optics_group: Tensor | None = None
-    cache: dict = field(default_factory=dict, repr=False)
+    weight: Tensor | None = None
+    _derived: dict = field(default_factory=dict, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -50,20 +88,34 @@ class Batch:
             return torch.zeros(len(self), dtype=torch.long, device=device)
         return self.optics_group.to(device)
 
+    def with_poses(self, rotations: Tensor, shift_A: Tensor) -> Batch:
+        """The same particles at new poses: a new Batch, with nothing derived carried over."""
+        return replace(self, rotations=rotations, shift_A=shift_A)
 
-def make_batch(table: ParticleTable, index: np.ndarray, grid: FourierGrid, stack: ImageStack | None = None,
-               dtype: torch.dtype = torch.float32, device=None) -> Batch:
-    """Gather poses, shifts, CTF and, when ``stack`` is given, FFT'd cropped images."""
+    def derived(self, key: tuple, sources: tuple[Tensor, ...], compute):
+        """``compute()``, cached under ``key`` and the identity and version of ``sources``.
+
+        A tensor's version counts its in-place changes, so even a batch whose tensors were
+        modified in place (which callers should not do) never returns a stale value.
+        """
+        full_key = (key, tuple((id(t), t._version) for t in sources))
+        if full_key not in self._derived:
+            self._derived.clear()
+            self._derived[full_key] = compute()
+        return self._derived[full_key]
+
+
+def make_batch(table: ParticleTable, index: np.ndarray, store=None, dtype: torch.dtype = torch.float32,
+               device=None) -> Batch:
+    """Gather poses, shifts, CTF and, when a :class:`~cryosgd.data.store.ParticleStore` is given,
+    its FFT'd, Fourier-cropped images of the particles ``index``."""
     index = np.asarray(index)
-    tensor = lambda a: torch.as_tensor(np.asarray(a)[index], dtype=dtype, device=device)  # noqa: E731
     rotations = euler_to_matrix(torch.as_tensor(table.require_poses()[index], dtype=torch.float64))
     ctf = CTFParams.from_table(table, index, dtype=dtype, device=device) if table.has_ctf else None
-    images_ft = None
-    if stack is not None:
-        images = torch.as_tensor(stack.read(index), device=device).to(dtype)
-        images_ft = grid.take(images_to_ft(images))
-    groups = torch.as_tensor(table.optics_group[index], device=device)
-    return Batch(index, rotations.to(device=device, dtype=dtype), tensor(table.shift_A), ctf, images_ft, groups)
+    images_ft = None if store is None else store.images(index).to(device)
+    return Batch(index, rotations.to(device=device, dtype=dtype),
+                 torch.as_tensor(table.shift_A[index], dtype=dtype, device=device), ctf, images_ft,
+                 torch.as_tensor(table.optics_group[index], device=device))
 
 
 def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ STAR 3.1. Columns it does not interpret are carried through unchanged.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,6 +94,16 @@ class ParticleTable:
             raise InputError(self.source, "missing column rlnAngleRot/rlnAngleTilt/rlnAnglePsi (poses)")
         return self.angles_deg
 
+    def digest(self) -> str:
+        """SHA-256 of everything cryosgd reads from the table (optics, poses, origins, CTFs,
+        half-sets, image names): two tables with the same digest describe the same particles."""
+        sha = hashlib.sha256(repr(self.optics).encode())
+        for name in _ARRAY_FIELDS:
+            value = getattr(self, name)
+            sha.update(name.encode() + (b"-" if value is None else np.ascontiguousarray(value, dtype=float).tobytes()))
+        sha.update("\n".join(self.image_name or []).encode())
+        return sha.hexdigest()
+
     def subset(self, index: np.ndarray) -> ParticleTable:
         """The particles at ``index`` (integer array), in that order."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
@@ -114,6 +125,8 @@ def read_particles(path: str | Path, pixel_A: float | None = None) -> ParticleTa
         pixel_A: pixel size for STAR 3.0 files that carry none; overrides nothing in 3.1.
     """
     path = Path(path)
+    if pixel_A is not None and not pixel_A > 0:
+        raise InputError(None, f"--pixel-size {pixel_A}: must be positive")
     blocks = read_star(path)
     if "optics" in blocks:
         particles = blocks.get("particles")
@@ -148,17 +161,26 @@ class _Columns:
             raise InputError(self.path, f"column {name}: NaN or infinite value")
         return values
 
+    def positive(self, name: str) -> np.ndarray:
+        """A column whose values must all be > 0 (a pixel size, a voltage)."""
+        values = self.floats(name)
+        if (values <= 0).any():
+            raise InputError(self.path, f"column {name}: value {values[values <= 0][0]:g} (must be positive)")
+        return values
+
 
 def _from_star31(path: Path, particles: StarBlock, optics_block: StarBlock) -> ParticleTable:
+    if len(optics_block) == 0:
+        raise InputError(path, "data_optics has no rows")
     opt = _Columns(path, optics_block)
     numbers = opt.floats("rlnOpticsGroup").astype(int)
     names = optics_block.columns.get("rlnOpticsGroupName", [f"opticsGroup{g}" for g in numbers])
-    pixel = opt.floats("rlnImagePixelSize")
+    pixel = opt.positive("rlnImagePixelSize")
     box = opt.floats("rlnImageSize", default=0).astype(int)
     optics = [
         OpticsGroup(names[i], v, cs, ac, float(pixel[i]), int(box[i]) or None)
-        for i, (v, cs, ac) in enumerate(zip(opt.floats("rlnVoltage"), opt.floats("rlnSphericalAberration"),
-                                             opt.floats("rlnAmplitudeContrast")))
+        for i, (v, cs, ac) in enumerate(zip(opt.positive("rlnVoltage"), opt.floats("rlnSphericalAberration"),
+                                             _contrast(opt)))
     ]
     col = _Columns(path, particles)
     group_number = col.floats("rlnOpticsGroup", default=numbers[0]).astype(int)
@@ -179,14 +201,14 @@ def _from_star30(path: Path, particles: StarBlock, pixel_A: float | None) -> Par
     if pixel_A is not None:
         pixel = np.full(len(particles), float(pixel_A))
     elif col.has("rlnImagePixelSize"):
-        pixel = col.floats("rlnImagePixelSize")
+        pixel = col.positive("rlnImagePixelSize")
     elif col.has("rlnDetectorPixelSize") and col.has("rlnMagnification"):
-        pixel = col.floats("rlnDetectorPixelSize") * 1e4 / col.floats("rlnMagnification")
+        pixel = col.positive("rlnDetectorPixelSize") * 1e4 / col.positive("rlnMagnification")
     else:
         raise InputError(path, "STAR 3.0 without rlnDetectorPixelSize/rlnMagnification: give the pixel size")
     if col.has("rlnDefocusU"):
-        optics_keys = np.stack([col.floats("rlnVoltage"), col.floats("rlnSphericalAberration"),
-                                col.floats("rlnAmplitudeContrast"), pixel], axis=1)
+        optics_keys = np.stack([col.positive("rlnVoltage"), col.floats("rlnSphericalAberration"),
+                                _contrast(col), pixel], axis=1)
     else:
         optics_keys = np.stack([np.full_like(pixel, 300.0), np.full_like(pixel, 2.7),
                                 np.full_like(pixel, 0.1), pixel], axis=1)
@@ -198,6 +220,14 @@ def _from_star30(path: Path, particles: StarBlock, pixel_A: float | None) -> Par
     return _table(path, col, optics, groups.reshape(-1), shift)
 
 
+def _contrast(col: _Columns) -> np.ndarray:
+    values = col.floats("rlnAmplitudeContrast")
+    bad = (values < 0) | (values >= 1)
+    if bad.any():
+        raise InputError(col.path, f"column rlnAmplitudeContrast: value {values[bad][0]:g} (must be in [0, 1))")
+    return values
+
+
 def _origins(col: _Columns, x: str, y: str, scale_A) -> np.ndarray | None:
     if not (col.has(x) or col.has(y)):
         return None
@@ -206,6 +236,8 @@ def _origins(col: _Columns, x: str, y: str, scale_A) -> np.ndarray | None:
 
 def _table(path: Path, col: _Columns, optics, groups, shift) -> ParticleTable:
     block = col.block
+    if len(block) == 0:
+        raise InputError(path, "the particle table has no rows")
     angles = None
     if any(col.has(c) for c in _POSE_COLUMNS):
         angles = np.stack([col.floats(c) for c in _POSE_COLUMNS], axis=1)

@@ -25,6 +25,15 @@ def _resolve(name: str, root: Path) -> Path:
     return path if path.exists() or Path(name).is_absolute() or not Path(name).exists() else Path(name)
 
 
+def referenced_stacks(table: ParticleTable, root: str | Path | None = None) -> list[Path]:
+    """The stack files the table's ``rlnImageName`` names, resolved as :class:`ImageStack` does
+    (whether or not they exist)."""
+    if table.image_name is None:
+        return []
+    root = Path(root) if root is not None else (table.source or Path("particles.star")).parent
+    return [_resolve(rel, root) for rel in dict.fromkeys(name.partition("@")[2] for name in table.image_name)]
+
+
 class ImageStack:
     """Read-only, memory-mapped access to the images of a :class:`ParticleTable`."""
 
@@ -74,6 +83,10 @@ class ImageStack:
 
     def __len__(self) -> int:
         return len(self.slot)
+
+    def files(self) -> list[tuple[str, int]]:
+        """(resolved path, size in bytes) of every stack: what identifies the images."""
+        return [(str(p.resolve()), p.stat().st_size) for p in self.paths]
 
     def subset(self, index: np.ndarray) -> ImageStack:
         """The images of particles ``index``, in that order (for ``ParticleTable.subset``)."""

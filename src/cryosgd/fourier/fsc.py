@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from cryosgd.conventions import map_to_ft
-from cryosgd.fourier.grids import shell_index
-from cryosgd.objective.loss import voxel_multiplicity
+from cryosgd.fourier.grids import shell_index, voxel_multiplicity
 
 
 def fsc_of_ft(a_ft: Tensor, b_ft: Tensor, box_px: int) -> np.ndarray:
@@ -46,11 +45,15 @@ class FSCCurve:
         with np.errstate(divide="ignore"):
             return self.box_px * self.pixel_A / shells
 
+    def mean(self) -> float:
+        """Mean FSC over shells 1 … box/2: one number that rises as the maps gain signal."""
+        return float(np.nan_to_num(self.fsc[1:self.box_px // 2 + 1]).mean())
+
     def resolution_at(self, threshold: float) -> float:
         """Resolution (Å) of the last shell before the FSC first drops below ``threshold``."""
         below = np.nonzero(~(self.fsc[1:] >= threshold))[0]
         last = len(self.fsc) - 1 if len(below) == 0 else below[0]
-        return float("inf") if last == 0 else self.box_px * self.pixel_A / last
+        return float("inf") if last == 0 else float(self.box_px * self.pixel_A / last)
 
 
 def fsc(a: np.ndarray, b: np.ndarray, pixel_A: float, mask: np.ndarray | None = None) -> FSCCurve:

@@ -33,11 +33,22 @@ class FourierGrid:
     radius_px: float
 
     @classmethod
-    def create(cls, box_px: int, pixel_A: float, work_box_px: int | None = None,
-               radius_px: float | None = None) -> FourierGrid:
+    def create(cls, box_px: int, pixel_A: float, work_box_px: int | None = None, radius_px: float | None = None,
+               source=None) -> FourierGrid:
+        """The grid of images of ``box_px`` pixels of ``pixel_A`` Å, cropped to ``work_box_px``.
+
+        ``source`` names where the box and pixel size come from in error messages (a file, or
+        an option such as ``"--box"``).
+        """
+        where = f"{source}: " if source is not None else ""
+        if box_px % 2 or box_px < 4:
+            raise InputError(None, f"{where}images of {box_px} px: cryosgd needs an even box of at least 4 px")
+        if not pixel_A > 0:
+            raise InputError(None, f"{where}pixel size {pixel_A} Å: must be positive")
         work = box_px if work_box_px is None else int(work_box_px)
         if work % 2 or work < 4 or work > box_px:
-            raise InputError(None, f"--box {work}: the working box must be even and between 4 and {box_px}")
+            raise InputError(None, f"--box {work}: the working box must be even, at least 4 and at most the "
+                                   f"images' {box_px} px")
         radius = work / 2 - 1 if radius_px is None else float(radius_px)
         if not 0 < radius <= work / 2 - 1:
             raise InputError(None, f"radius {radius} px: must be in (0, {work // 2 - 1}] for box {work}")
@@ -97,3 +108,14 @@ def shell_index(box_px: int, device=None) -> Tensor:
     kx = torch.arange(box_px // 2 + 1, dtype=torch.float64, device=device)
     radius = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
     return torch.round(radius).long()
+
+
+def voxel_multiplicity(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> Tensor:
+    """``m₃``: how many voxels of the full cube each half-grid voxel stands for.
+
+    1 on the planes kx = 0 and kx = n/2 (Nyquist; boxes are even), 2 elsewhere.
+    """
+    m = torch.full(shape, 2.0, device=device, dtype=dtype)
+    m[..., 0] = 1.0
+    m[..., -1] = 1.0
+    return m

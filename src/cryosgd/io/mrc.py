@@ -27,8 +27,11 @@ def open_mrc(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
         raise InputError(path, f"not a valid MRC file ({err})") from None
 
 
-def read_map(path: str | Path) -> tuple[np.ndarray, float]:
-    """Read a cubic 3D map → (``[z, y, x]`` float32 array, voxel size in Å)."""
+def read_map(path: str | Path, need_voxel_size: bool = True) -> tuple[np.ndarray, float]:
+    """Read a cubic 3D map → (``[z, y, x]`` float32 array, voxel size in Å).
+
+    A voxel size ≤ 0 in the header is an error unless ``need_voxel_size`` is False (a mask).
+    """
     with open_mrc(path) as mrc:
         data = np.array(mrc.data, dtype=np.float32)
         voxel_A = float(mrc.voxel_size.x)
@@ -36,6 +39,9 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
         raise InputError(path, f"expected a cubic 3D map, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise InputError(path, "map contains NaN or infinite values")
+    if need_voxel_size and not voxel_A > 0:
+        raise InputError(path, f"voxel size {voxel_A:g} Å in the header (must be positive; set it, e.g. with "
+                               "relion_image_handler --angpix)")
     return data, voxel_A
 
 

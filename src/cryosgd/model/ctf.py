@@ -12,14 +12,12 @@ so CTF(0) = +Q0 (positive density stays positive), as in ``relion_project --ctf`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from cryosgd.compiled import maybe_compile
-from cryosgd.data.particles import ParticleTable
+from cryosgd.data.batch import CTFParams
 
 
 def electron_wavelength_A(voltage_kV: Tensor) -> Tensor:
@@ -28,48 +26,13 @@ def electron_wavelength_A(voltage_kV: Tensor) -> Tensor:
     return 12.2643247 / torch.sqrt(volts * (1 + 0.978466e-6 * volts))
 
 
-@dataclass
-class CTFParams:
-    """Per-particle CTF parameters, each a ``(B,)`` tensor."""
-
-    defocus_u_A: Tensor
-    defocus_v_A: Tensor
-    defocus_angle_deg: Tensor
-    voltage_kV: Tensor
-    cs_mm: Tensor
-    amplitude_contrast: Tensor
-    phase_shift_deg: Tensor
-    bfactor_A2: Tensor
-    scale: Tensor
-
-    @classmethod
-    def from_table(cls, table: ParticleTable, index: np.ndarray | None = None,
-                   dtype: torch.dtype = torch.float64, device=None) -> CTFParams:
-        """The CTF parameters of ``table`` (optics joined per particle), optionally a subset."""
-        columns = {
-            "defocus_u_A": table.defocus_u_A, "defocus_v_A": table.defocus_v_A,
-            "defocus_angle_deg": table.defocus_angle_deg, "voltage_kV": table.per_particle("voltage_kV"),
-            "cs_mm": table.per_particle("cs_mm"), "amplitude_contrast": table.per_particle("amplitude_contrast"),
-            "phase_shift_deg": table.phase_shift_deg, "bfactor_A2": table.bfactor_A2, "scale": table.ctf_scale,
-        }
-        pick = slice(None) if index is None else index
-        return cls(**{k: torch.as_tensor(np.asarray(v)[pick], dtype=dtype, device=device)
-                      for k, v in columns.items()})
-
-    def to(self, dtype: torch.dtype | None = None, device=None) -> CTFParams:
-        return CTFParams(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
-
-    def columns(self) -> tuple[Tensor, ...]:
-        """The ``(B,)`` parameters in the order of :func:`ctf_formula`'s arguments."""
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __call__(self, freq_invA: Tensor) -> Tensor:
-        """Evaluate at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹ → ``(B, P)`` real CTF values."""
-        return _ctf_fast(*(c[:, None] for c in self.columns()), freq_invA[:, 0], freq_invA[:, 1])
+def ctf_values(params: CTFParams, freq_invA: Tensor) -> Tensor:
+    """``(B, P)`` real CTF values of ``params`` at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹."""
+    return _ctf_fast(*(c[:, None] for c in params.columns()), freq_invA[:, 0], freq_invA[:, 1])
 
 
-def ctf_formula(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg,
-         bfactor_A2, scale, kx, ky) -> Tensor:
+def ctf_formula(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
+                phase_shift_deg, bfactor_A2, scale, kx, ky) -> Tensor:
     """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``."""
     s2 = kx**2 + ky**2
     lam = electron_wavelength_A(voltage_kV)

@@ -19,8 +19,8 @@ from cryosgd.compiled import maybe_compile
 from cryosgd.conventions import shift_angle
 from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.model.ctf import ctf_formula
 from cryosgd.fourier.slice import Interp, extract, insert_many
+from cryosgd.model.ctf import ctf_formula
 
 
 def _modulation(freq_invA: Tensor, shift_A: Tensor, *ctf_columns: Tensor) -> Tensor:
@@ -52,17 +52,20 @@ class ForwardModel:
         return (m, m, m // 2 + 1)
 
     def modulation(self, batch: Batch, dtype) -> Tensor:
-        """``(B, P)`` complex factor CTF · phase applied after slicing (cached on the batch).
+        """``(B, P)`` complex factor CTF · phase applied after slicing, cached on the (immutable) batch.
 
         Evaluated in float64 (phases and CTF arguments reach hundreds of radians), then cast.
         """
-        key = ("modulation", self.grid, self.use_ctf, dtype)
-        if key not in batch.cache:
-            freq_invA = self.grid.freq_invA().to(device=batch.shift_A.device)
-            ctf = batch.ctf.to(dtype=torch.float64).columns() if self.use_ctf and batch.ctf is not None else ()
-            factor = _modulation_fast(freq_invA, batch.shift_A.to(torch.float64), *ctf)
-            batch.cache[key] = torch.view_as_complex(factor.to(dtype).contiguous())
-        return batch.cache[key]
+        ctf = batch.ctf if self.use_ctf else None
+        sources = (batch.shift_A, *(() if ctf is None else ctf.columns()))
+        return batch.derived(("modulation", self.grid, ctf is not None, dtype), sources,
+                             lambda: self._modulation(batch.shift_A, ctf, dtype))
+
+    def _modulation(self, shift_A: Tensor, ctf, dtype) -> Tensor:
+        freq_invA = self.grid.freq_invA().to(device=shift_A.device)
+        columns = () if ctf is None else ctf.to(dtype=torch.float64).columns()
+        factor = _modulation_fast(freq_invA, shift_A.to(torch.float64), *columns)
+        return torch.view_as_complex(factor.to(dtype).contiguous())
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)

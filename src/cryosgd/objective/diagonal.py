@@ -16,16 +16,22 @@ import torch
 from torch import Tensor
 
 from cryosgd.data.batch import Batch
-from cryosgd.fourier.grids import shell_index
-from cryosgd.objective.loss import LeastSquares, voxel_multiplicity
+from cryosgd.fourier.grids import shell_index, voxel_multiplicity
+from cryosgd.objective.loss import LeastSquares, count
 
 
 def exact_diagonal(objective: LeastSquares, batch: Batch, dtype=torch.float32) -> Tensor:
-    """diag(H_B) for the batch (mean over its images, ridge included)."""
-    model = objective.model
-    like = batch.rotations.new_zeros((), dtype=dtype)
-    _, scattered = model.back_project(batch, curvature=objective.pixel_weight(batch, like))
-    return scattered[0] / len(batch) + objective.ridge(model.volume_shape, like.device, dtype)
+    """diag(H_B) for a batch held whole (mean over its images, ridge included)."""
+    return exact_diagonal_sum(objective, batch, dtype) / count(batch) + objective.ridge_diagonal(
+        objective.model.volume_shape, batch.rotations.device, dtype)
+
+
+def exact_diagonal_sum(objective: LeastSquares, batch: Batch, dtype=torch.float32) -> Tensor:
+    """The data part of diag(H_B) as a sum over the batch's images: one scatter."""
+    like = batch.rotations.new_zeros((len(batch), len(objective.model.grid.freq_px)), dtype=dtype)
+    weight = objective.pixel_weight(batch, like).expand(like.shape)
+    _, scattered = objective.model.back_project(batch, curvature=weight)
+    return scattered[0]
 
 
 def shell_means(diagonal: Tensor) -> Tensor:

@@ -28,18 +28,19 @@ from cryosgd.objective.loss import LeastSquares
 
 
 def residual_power(objective: LeastSquares, x: Tensor, batch: Batch, n_groups: int) -> tuple[Tensor, Tensor]:
-    """Per group, the batch's sum of the per-shell mean |y − S x|², and its image count, both
-    divided by |B|: ``(n_groups, n_shells)`` and ``(n_groups,)`` float64 (batch means, so that
-    their means over many batches divide into σ_g²)."""
+    """Per optics group, the sum over the batch's images of their per-shell mean |y − S x|², and
+    the image counts, both weighted by the rows' weights: ``(n_groups, n_shells)`` and
+    ``(n_groups,)`` float64 (sums, so that the parts of a batch split across processes add up)."""
     r = objective.residual(x, batch)
     shells = objective.model.grid.shell_px.to(r.device)
     per_pixel = (r.real.square() + r.imag.square()).double()  # (B, P)
     per_shell = per_pixel.new_zeros(len(batch), int(shells.max()) + 1).index_add_(1, shells, per_pixel)
     per_shell = per_shell / torch.bincount(shells).to(per_shell)
+    rows = torch.ones(len(batch), dtype=torch.float64, device=r.device)
+    rows = rows if batch.weight is None else rows * batch.weight.to(rows)
     groups = batch.groups(r.device)
-    sums = per_shell.new_zeros(n_groups, per_shell.shape[1]).index_add_(0, groups, per_shell)
-    counts = torch.bincount(groups, minlength=n_groups).double()
-    return sums / len(batch), counts / len(batch)
+    sums = per_shell.new_zeros(n_groups, per_shell.shape[1]).index_add_(0, groups, per_shell * rows[:, None])
+    return sums, torch.bincount(groups, rows, minlength=n_groups)
 
 
 def spectra(sums: Tensor, counts: Tensor, names: list[str]) -> Tensor:

@@ -2,8 +2,7 @@
 
 Every iteration needs one full-data H·p (one pass over all images), so one iteration is one
 epoch. ``diagonal`` turns it into Jacobi-preconditioned CG with M = diag(H), the exact
-diagonal of :mod:`cryosgd.objective.diagonal`. The caller supplies ``full_hvp``; the state
-holds tensors and numbers only, so it checkpoints like the SGD states.
+diagonal of :mod:`cryosgd.objective.diagonal`. The caller supplies ``full_hvp``.
 """
 
 from __future__ import annotations
@@ -13,9 +12,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from cryosgd.optim.base import inner
 
-def _dot(a: Tensor, b: Tensor) -> float:
-    return float((a.conj() * b).real.sum())
+
+@dataclass(frozen=True)
+class CGState:
+    r: Tensor  # residual b − H x
+    p: Tensor  # search direction
+    rz: float  # ⟨r, M⁻¹ r⟩
 
 
 @dataclass(frozen=True)
@@ -27,22 +31,21 @@ class ConjugateGradient:
     def _precondition(self, r: Tensor) -> Tensor:
         return r if self.diagonal is None else r / self.diagonal
 
-    def init(self, residual: Tensor) -> dict:
+    def init(self, residual: Tensor) -> CGState:
         """Start (or restart) from the residual r = b − H x = −∇f(x) at the current x."""
-        r = residual
-        z = self._precondition(r)
-        return {"r": r, "p": z, "rz": _dot(r, z)}
+        z = self._precondition(residual)
+        return CGState(residual, z, inner(residual, z))
 
-    def update(self, x: Tensor, state: dict, full_hvp: Callable[[Tensor], Tensor]):
+    def update(self, x: Tensor, state: CGState, full_hvp: Callable[[Tensor], Tensor]):
         """One iteration; once the residual is exactly zero (converged), x stays where it is."""
-        hp = full_hvp(state["p"])
-        curvature = _dot(state["p"], hp)
-        if state["rz"] == 0.0 or curvature == 0.0:
-            return x, state, {"step_size": 0.0, "residual_norm": _dot(state["r"], state["r"]) ** 0.5}
-        step = state["rz"] / curvature
-        x = x + step * state["p"]
-        r = state["r"] - step * hp
+        hp = full_hvp(state.p)
+        curvature = inner(state.p, hp)
+        if state.rz == 0.0 or curvature == 0.0:
+            return x, state, {"step_size": 0.0, "residual_norm": inner(state.r, state.r) ** 0.5}
+        step = state.rz / curvature
+        x = x + step * state.p
+        r = state.r - step * hp
         z = self._precondition(r)
-        rz = _dot(r, z)
-        p = z + (rz / state["rz"]) * state["p"]
-        return x, {"r": r, "p": p, "rz": rz}, {"step_size": step, "residual_norm": _dot(r, r) ** 0.5}
+        rz = inner(r, z)
+        p = z + (rz / state.rz) * state.p
+        return x, CGState(r, p, rz), {"step_size": step, "residual_norm": inner(r, r) ** 0.5}

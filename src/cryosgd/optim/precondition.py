@@ -1,9 +1,8 @@
-"""Diagonal preconditioners: identity, a fixed diagonal, and Hutchinson's running estimate.
+"""Diagonal preconditioners as transforms: the direction is divided by a diagonal D̂.
 
-Each is ``init(x) -> state``, ``probe(state, generator) -> z`` (a probe vector, or None when
-the preconditioner needs no curvature information) and ``update(state, z, Hz) -> (D̂, state)``;
-the optimiser computes ``H·z`` on the batch together with the gradient. ``D̂`` is a real
-tensor of the map's shape (the step is ``−η ∇f / D̂``) or None for the identity.
+D̂ is a real tensor of the map's shape: a fixed one (e.g. the exact diag(H)), or Algorithm 1's
+running Hutchinson estimate (PAPER.md §3.1), whose mean can forget old probes exponentially
+when the Hessian moves (poses that change between passes).
 """
 
 from __future__ import annotations
@@ -14,65 +13,63 @@ import torch
 from torch import Tensor
 
 from cryosgd.objective.diagonal import probe_estimate, rademacher
+from cryosgd.optim.base import Step
 
 
 @dataclass(frozen=True)
-class Identity:
-    """No preconditioning: plain SGD."""
-
-    def init(self, x: Tensor) -> dict:
-        return {}
-
-    def probe(self, state: dict, generator: torch.Generator) -> None:
-        return None
-
-    def update(self, state: dict, z: None, hz: None) -> tuple[Tensor | None, dict]:
-        return None, state
-
-
-@dataclass(frozen=True)
-class FixedDiagonal:
-    """A precomputed diagonal (e.g. the exact diag(H)), floored at ``floor``."""
+class ScaleByDiagonal:
+    """Divide by a fixed diagonal floored at ``floor``."""
 
     diagonal: Tensor
     floor: float = 1e-10
 
-    def init(self, x: Tensor) -> dict:
-        return {}
+    def init(self, x: Tensor) -> tuple:
+        return ()
 
-    def probe(self, state: dict, generator: torch.Generator) -> None:
+    def probe(self, state, generator) -> None:
         return None
 
-    def update(self, state: dict, z: None, hz: None) -> tuple[Tensor, dict]:
-        return self.diagonal.abs().clamp(min=self.floor), state
+    def update(self, direction: Tensor, state, step: Step):
+        return direction / self.diagonal.abs().clamp(min=self.floor), state, {}
 
 
 @dataclass(frozen=True)
-class Hutchinson:
-    """Algorithm 1's diagonal (PAPER.md §3.1): one probe per batch, running mean D̄ over all
-    probes so far, exponential average D ← βD + (1−β)D̄ from D₀, threshold D̂ = max(|D|, α).
+class HutchinsonState:
+    count: int
+    mean: Tensor
+    d: Tensor
 
-    ``d0`` is a number (the paper: 1) or a tensor, e.g. an exact or analytic diagonal.
+
+@dataclass(frozen=True)
+class ScaleByHutchinson:
+    """Algorithm 1's diagonal: one probe per step, mean D̄ of the probes (running mean over all
+    so far, or ``D̄ ← ρ D̄ + (1−ρ) estimate`` with ``forget=ρ``), exponential average
+    D ← βD + (1−β)D̄ from D₀, threshold D̂ = max(|D|, α); the direction is divided by D̂.
+
+    ``d0`` is a number (the paper: 1) or a tensor, e.g. the exact diagonal of the first pass.
     """
 
     beta: float = 0.9
     alpha: float = 5.213981813631434e-6
     d0: float | Tensor = 1.0
+    forget: float | None = None
 
-    def init(self, x: Tensor) -> dict:
+    def init(self, x: Tensor) -> HutchinsonState:
         real = x.real.dtype
         d = torch.as_tensor(self.d0, dtype=real, device=x.device).expand(x.shape).clone()
-        return {"count": 0, "mean": torch.zeros(x.shape, dtype=real, device=x.device), "d": d}
+        return HutchinsonState(0, torch.zeros(x.shape, dtype=real, device=x.device), d)
 
-    def probe(self, state: dict, generator: torch.Generator) -> Tensor:
-        d = state["d"]
+    def probe(self, state: HutchinsonState, generator: torch.Generator) -> Tensor:
+        d = state.d
         return rademacher(d.shape, generator, torch.promote_types(d.dtype, torch.complex64), d.device)
 
-    def update(self, state: dict, z: Tensor, hz: Tensor) -> tuple[Tensor, dict]:
-        k = state["count"] + 1
-        mean = state["mean"] + (probe_estimate(z, hz) - state["mean"]) / k
-        d = self.beta * state["d"] + (1 - self.beta) * mean
-        return d.abs().clamp(min=self.alpha), {"count": k, "mean": mean, "d": d}
+    def update(self, direction: Tensor, state: HutchinsonState, step: Step):
+        k = state.count + 1
+        estimate = probe_estimate(step.probe, step.hz)
+        rate = 1.0 / k if self.forget is None else max(1.0 / k, 1.0 - self.forget)
+        mean = state.mean + rate * (estimate - state.mean)
+        d = self.beta * state.d + (1 - self.beta) * mean
+        return direction / d.abs().clamp(min=self.alpha), HutchinsonState(k, mean, d), {}
 
 
 def shell_threshold(box_px: int) -> float:

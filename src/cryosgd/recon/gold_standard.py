@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryosgd.conventions import ft_to_map
+from cryosgd.conventions import ft_to_map, map_to_ft
 from cryosgd.data.particles import ParticleTable
 from cryosgd.errors import InputError
 from cryosgd.fourier.fsc import FSCCurve, fsc_of_ft
@@ -30,14 +30,18 @@ def split_halves(table: ParticleTable, seed: int) -> list[np.ndarray]:
     return halves
 
 
-def half_map_fsc(x1: torch.Tensor, x2: torch.Tensor, grid: FourierGrid) -> FSCCurve:
-    """FSC of two half maps (rfft half-grids of the working box), per RELION shell."""
-    return FSCCurve(fsc_of_ft(x1, x2, grid.work_box_px), grid.work_box_px, grid.work_pixel_A)
+def half_map_fsc(x1: torch.Tensor, x2: torch.Tensor, grid: FourierGrid, interp: str) -> FSCCurve:
+    """FSC of two half maps (rfft half-grids of the working box) per RELION shell, after the
+    gridding correction: the FSC of the maps that are written."""
+    maps = [torch.as_tensor(map_of(x, grid, interp)).to(x.device) for x in (x1, x2)]
+    return FSCCurve(fsc_of_ft(*(map_to_ft(m.double()) for m in maps), grid.work_box_px), grid.work_box_px,
+                    grid.work_pixel_A)
 
 
-def ssnr_of(curve: FSCCurve) -> torch.Tensor:
-    """SSNR = FSC / (1 − FSC) per shell (RELION's, for the Wiener prior τ²)."""
-    fsc = torch.as_tensor(curve.fsc)
+def ssnr_between(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """SSNR = FSC / (1 − FSC) per shell of the fitted half maps (before the gridding correction:
+    the coefficients the prior acts on), RELION's estimate for the Wiener prior τ²."""
+    fsc = torch.as_tensor(fsc_of_ft(x1, x2, x1.shape[0]))
     return fsc / (1 - fsc)
 
 

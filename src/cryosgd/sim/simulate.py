@@ -8,6 +8,7 @@ CTFs drawn from a defocus range, and white Gaussian noise at a target SNR
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import numpy as np
 
 from cryosgd.data.particles import OpticsGroup, ParticleTable, read_particles, write_particles
 from cryosgd.errors import InputError
+from cryosgd.fourier.grids import FourierGrid
 from cryosgd.io.mrc import new_stack, read_map, write_map
-from cryosgd.model.project import project_into
+from cryosgd.io.outputs import OutputFolder
+from cryosgd.resources import available_memory_bytes
+from cryosgd.sim.project import project_into
 
 
 def model_to_map(path: str | Path, box_px: int, pixel_A: float) -> np.ndarray:
@@ -60,6 +64,9 @@ def load_map(path: str | Path, box_px: int | None, pixel_A: float | None) -> tup
         raise InputError(path, "file not found")
     if box_px is None or pixel_A is None:
         raise InputError(path, "an atomic model needs --box and --pixel-size")
+    if not pixel_A > 0:
+        raise InputError(None, f"--pixel-size {pixel_A}: must be positive")
+    FourierGrid.create(box_px, pixel_A, source="--box")
     return model_to_map(path, box_px, pixel_A), pixel_A
 
 
@@ -78,6 +85,22 @@ class SimulationSettings:
     amplitude_contrast: float = 0.1
     bfactor_A2: float = 0.0  # envelope exp(−B s²/4) applied to the ground truth itself
     seed: int = 0
+
+    def __post_init__(self):
+        checks = [("-n", self.n_particles, self.n_particles >= 1, "must be at least 1"),
+                  ("--snr", self.snr, self.snr > 0, "must be positive"),
+                  ("--shift-sigma", self.shift_sigma_A, self.shift_sigma_A >= 0, "must be ≥ 0"),
+                  ("--defocus-min", self.defocus_min_A, self.defocus_min_A > 0, "must be positive (underfocus, Å)"),
+                  ("--defocus-max", self.defocus_max_A, self.defocus_max_A >= self.defocus_min_A,
+                   f"must be ≥ --defocus-min {self.defocus_min_A}"),
+                  ("--astigmatism", self.astigmatism_max_A, 0 <= self.astigmatism_max_A < 2 * self.defocus_min_A,
+                   "must be ≥ 0 and below twice --defocus-min"),
+                  ("--bfactor", self.bfactor_A2, self.bfactor_A2 >= 0, "must be ≥ 0"),
+                  ("voltage", self.voltage_kV, self.voltage_kV > 0, "must be positive"),
+                  ("amplitude contrast", self.amplitude_contrast, 0 <= self.amplitude_contrast < 1, "must be in [0, 1)")]
+        for option, value, ok, rule in checks:
+            if not ok:
+                raise InputError(None, f"{option} {value}: {rule}")
 
 
 def random_table(settings: SimulationSettings, pixel_A: float, box_px: int,
@@ -104,31 +127,51 @@ def random_table(settings: SimulationSettings, pixel_A: float, box_px: int,
 
 def simulate(source: str | Path, out_dir: str | Path, settings: SimulationSettings = SimulationSettings(), *,
              box_px: int | None = None, pixel_A: float | None = None, poses_star: str | Path | None = None,
-             batch_size: int = 256, device: str | None = None) -> Path:
+             batch_size: int = 256, device: str | None = None, force: bool = False) -> Path:
     """Write ``particles.star`` (3.1), ``particles.mrcs`` and ``ground_truth.mrc`` to ``out_dir``.
 
-    Returns the path of the STAR file.
+    The folder is checked (and locked) before anything is computed, and the stack's size
+    against the free disk space. Returns the path of the STAR file.
     """
-    if settings.snr <= 0:
-        raise InputError(None, f"--snr {settings.snr}: must be positive")
-    volume, voxel_A = load_map(source, box_px, pixel_A)
-    if settings.bfactor_A2:
-        volume = blur(volume, voxel_A, settings.bfactor_A2)
+    if batch_size < 1:
+        raise InputError(None, f"--batch-size {batch_size}: must be at least 1")
     out_dir = Path(out_dir)
+    volume, voxel_A = load_map(source, box_px, pixel_A)
+    FourierGrid.create(volume.shape[0], voxel_A, source=source)
     poses = read_particles(poses_star, pixel_A=voxel_A) if poses_star else None
-    table = random_table(settings, voxel_A, volume.shape[0], poses)
-    stack = out_dir / "particles.mrcs"
-    with new_stack(stack, len(table), volume.shape[0], voxel_A) as images:
-        project_into(images, volume, voxel_A, table, batch_size=batch_size, device=device)
-        noise_sigma = np.sqrt(_variance(images, batch_size) / settings.snr)
-        rng = np.random.default_rng(settings.seed + 1)
-        for start in range(0, len(table), batch_size):
-            chunk = images[start:start + batch_size]
-            chunk += rng.normal(0, noise_sigma, chunk.shape).astype(np.float32)
-    write_map(out_dir / "ground_truth.mrc", volume, voxel_A)
-    table.image_name = [f"{i + 1:06d}@{stack.name}" for i in range(len(table))]
-    write_particles(out_dir / "particles.star", table)
+    with OutputFolder(out_dir, "simulate", OUTPUTS, [source, poses_star], force):
+        _check_space(out_dir, settings.n_particles if poses is None else len(poses), volume.shape[0])
+        if settings.bfactor_A2:
+            volume = blur(volume, voxel_A, settings.bfactor_A2)
+        table = random_table(settings, voxel_A, volume.shape[0], poses)
+        stack = out_dir / "particles.mrcs"
+        with new_stack(stack, len(table), volume.shape[0], voxel_A) as images:
+            project_into(images, volume, voxel_A, table, batch_size=batch_size, device=device)
+            noise_sigma = np.sqrt(_variance(images, batch_size) / settings.snr)
+            rng = np.random.default_rng(settings.seed + 1)
+            for start in range(0, len(table), batch_size):
+                chunk = images[start:start + batch_size]
+                chunk += rng.normal(0, noise_sigma, chunk.shape).astype(np.float32)
+        write_map(out_dir / "ground_truth.mrc", volume, voxel_A)
+        table.image_name = [f"{i + 1:06d}@{stack.name}" for i in range(len(table))]
+        write_particles(out_dir / "particles.star", table)
     return out_dir / "particles.star"
+
+
+OUTPUTS = ("particles.star", "particles.mrcs", "ground_truth.mrc")
+
+
+def _check_space(out_dir: Path, n: int, box_px: int) -> None:
+    """Refuse before allocating: the stack must fit on the disk, the table in memory."""
+    stack_bytes = n * box_px * box_px * 4 + 1024
+    free = shutil.disk_usage(out_dir).free
+    if stack_bytes > free:
+        raise InputError(out_dir, f"-n {n}: the stack needs {stack_bytes / 1e9:.3g} GB, "
+                                  f"{free / 1e9:.3g} GB free on this disk")
+    table_bytes = n * 400  # the particle table's arrays and STAR text, per particle
+    if table_bytes > available_memory_bytes():
+        raise InputError(None, f"-n {n}: the particle table needs {table_bytes / 1e9:.3g} GB of memory, "
+                               f"{available_memory_bytes() / 1e9:.3g} GB available")
 
 
 def blur(volume: np.ndarray, voxel_A: float, bfactor_A2: float) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""What this process may use: CPU threads, memory and the torch device.
+
+Threads: the CPUs the process may actually run on (its affinity mask, then a cgroup CPU
+quota, then ``OMP_NUM_THREADS``), unless ``--threads`` says otherwise. Idle OpenMP workers
+sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set before torch is first imported), so
+a busy machine slows a run in proportion to the load rather than many times over.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from cryosgd.errors import InputError
+
+
+def quiet_openmp() -> None:
+    """Ask OpenMP's idle threads to sleep; effective only before torch is first imported."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: affinity ∩ cgroup quota ∩ ``OMP_NUM_THREADS``."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.floor(quota)))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        count = min(count, int(omp))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` (or v1 ``cfs_quota_us``), None if unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads to ``threads`` (default: :func:`usable_cpus`); returns it."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise InputError(None, f"--threads {threads}: must be at least 1")
+    count = usable_cpus() if threads is None else threads
+    torch.set_num_threads(count)
+    return count
+
+
+def available_memory_bytes() -> int:
+    """Memory this process could still allocate: MemAvailable, capped by a cgroup limit."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            available = min(available, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
+
+
+def resolve_device(name: str | None):
+    """``--device`` → a usable ``torch.device``; one line listing the devices that exist if not."""
+    import torch
+
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(None, f"--device {name}: not a device name; available: {', '.join(available_devices())}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and (device.index is None or device.index < count):
+            return device
+    elif device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise InputError(None, f"--device {name}: not available in this torch build ({torch.__version__}); "
+                           f"available: {', '.join(available_devices())}")
+
+
+def available_devices() -> list[str]:
+    """The device names this torch build can use here, e.g. ``["cpu", "cuda:0"]``."""
+    import torch
+
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
