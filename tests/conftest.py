@@ -16,6 +16,10 @@ from cryosgd.data.particles import OpticsGroup, ParticleTable
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Tests run the eager kernels: a suite of short runs would otherwise compile kernels at moments
+# that depend on the machine's speed. tests/test_slice.py checks the compiled kernels themselves.
+os.environ.setdefault("CRYOSGD_COMPILE", "0")
+
 
 @pytest.fixture
 def relion():
