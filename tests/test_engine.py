@@ -213,12 +213,12 @@ def test_a_batch_split_across_ranks_sums_to_the_whole(dataset, monkeypatch):
     whole = HalfSet(table, stack, grid, settings, half=1, dtype=torch.float64)
     objective = LeastSquares(whole.model, 1e-4)
     x = start(whole).x
-    expected = [objective.data_gradients(x, b)[1] for b in whole.parts(3)]
+    expected = [objective.data_gradients(x, b).gradient for b in whole.parts(3)]
     shares = []
     monkeypatch.setattr(dist, "world_size", lambda: 3)
     for rank in range(3):
         monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
         part = HalfSet(table, stack, grid, settings, half=1, dtype=torch.float64)
-        shares.append([objective.data_gradients(x, b)[1] for b in part.parts(3)])
+        shares.append([objective.data_gradients(x, b).gradient for b in part.parts(3)])
     for k, total in enumerate(expected):
         torch.testing.assert_close(sum(share[k] for share in shares), total)

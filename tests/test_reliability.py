@@ -356,5 +356,5 @@ def test_help_and_bad_choices_answer_without_importing_torch():
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
     help_text = subprocess.run([sys.executable, "-m", "cryosgd", "reconstruct", "--help"], capture_output=True,
                                text=True).stdout
-    assert "{algorithm1,sgd,exact-diag,cg,pcg}" in help_text and "<bool>" not in help_text
+    assert "{algorithm1,sgd,exact-diag,running-diag,cg,pcg}" in help_text and "<bool>" not in help_text
     assert "--resume " in help_text and "--force " in help_text

@@ -190,11 +190,11 @@ def test_best_pose_over_grid_recovers_the_simulated_pose(scale, scale_profiled):
 def test_posterior_weights_sum_to_one_and_keep_the_smallest_set_holding_the_mass():
     probabilities = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.97, 0.01, 0.01, 0.01]], dtype=torch.float64)
     top = TopPoses(probabilities.log() + 3.0, torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
-    weights = posterior_weights(top, mass=0.9)
+    weights = posterior_weights(top.log_likelihood, mass=0.9)
     torch.testing.assert_close(weights[0], torch.tensor([0.0, 0.5, 0.15, 0.3], dtype=torch.float64) / 0.95)
     torch.testing.assert_close(weights[1], torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(posterior_weights(top, mass=1.0), probabilities)
-    tempered = posterior_weights(top, temperature=2.0, mass=1.0)
+    torch.testing.assert_close(posterior_weights(top.log_likelihood, mass=1.0), probabilities)
+    tempered = posterior_weights(top.log_likelihood, temperature=2.0, mass=1.0)
     torch.testing.assert_close(tempered, torch.softmax(top.log_likelihood / 2, 1))
     torch.testing.assert_close(tempered.sum(1), torch.ones(2, dtype=torch.float64))
 
@@ -202,12 +202,12 @@ def test_posterior_weights_sum_to_one_and_keep_the_smallest_set_holding_the_mass
 def test_posterior_weights_name_the_particle_with_a_non_finite_score():
     scores = torch.tensor([[1.0, 0.0], [-torch.inf, 0.0], [torch.nan, 0.0]])
     index = torch.zeros(3, 2, dtype=torch.long)
-    weights = posterior_weights(TopPoses(scores[:2], index[:2], index[:2]))
+    weights = posterior_weights(scores[:2])
     assert weights[1].tolist() == [0.0, 1.0]
     with pytest.raises(InputError, match="particle 2"):
-        posterior_weights(TopPoses(scores, index, index))
+        posterior_weights(scores)
     with pytest.raises(InputError, match="particle 17"):
-        posterior_weights(TopPoses(scores, index, index), particle_ids=torch.tensor([15, 16, 17]))
+        posterior_weights(scores, particle_ids=torch.tensor([15, 16, 17]))
 
 
 def test_band_restriction_keeps_the_disc_of_the_radius():

@@ -15,8 +15,8 @@ import numpy as np
 from cryosgd.fourier.fsc import FSCCurve
 from cryosgd.io.atomic import atomic_path, write_lines
 
-__all__ = ["Progress", "save_curves", "save_fsc_plot", "save_heatmap", "save_montage", "save_progress_plot",
-           "write_lines"]
+__all__ = ["Progress", "save_abinitio_plot", "save_curves", "save_fsc_plot", "save_heatmap", "save_montage",
+           "save_progress_plot", "save_refinement_plot", "save_sections", "write_lines"]
 
 
 def _figure(width: float = 6, height: float = 4, columns: int = 1):
@@ -94,6 +94,60 @@ def save_progress_plot(path: str | Path, metrics: list[dict]) -> Path:
     for ax in (left, right):
         ax.set_xticks(epochs)
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    return _save(fig, path)
+
+
+def save_refinement_plot(path: str | Path, metrics: list[dict]) -> Path:
+    """Per iteration: the half-map resolution and the search band (Å), and how the poses
+    settle (the fraction that moved, the angular accuracy and the final step in degrees)."""
+    fig, (left, right) = _figure(10, 4, columns=2)
+    it = [m["iteration"] for m in metrics]
+    left.plot(it, [m["resolution_A"] for m in metrics], "-o", label="half-map resolution (FSC 0.143)")
+    left.plot(it, [m["band_A"] for m in metrics], "--s", label="search band")
+    left.set(xlabel="iteration", ylabel="Å", title="resolution")
+    left.invert_yaxis()
+    left.legend(fontsize=8)
+    right.plot(it, [100 * m["changed"] for m in metrics], "-o", label="poses moved (%)")
+    right.plot(it, [m["accuracy_deg"] for m in metrics], "-s", label="angular accuracy (°)")
+    right.plot(it, [m["final_step_deg"] for m in metrics], ":^", label="finest search step (°)")
+    right.set(xlabel="iteration", title="poses")
+    right.set_yscale("log")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(it)
+    return _save(fig, path)
+
+
+def save_sections(path: str | Path, volume: np.ndarray, title: str) -> Path:
+    """The three central sections (z, y and x through the box centre) of a ``[z, y, x]`` map."""
+    from matplotlib.figure import Figure
+
+    n = volume.shape[0]
+    fig = Figure(figsize=(9, 3.3))
+    axes = fig.subplots(1, 3)
+    for ax, (label, section) in zip(axes, (("xy (z = centre)", volume[n // 2]), ("xz (y = centre)", volume[:, n // 2]),
+                                           ("yz (x = centre)", volume[:, :, n // 2]))):
+        ax.imshow(section, cmap="gray", origin="lower")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def save_abinitio_plot(path: str | Path, metrics: list[dict]) -> Path:
+    """Per step: the band (Å) and the loss of the minibatch, and the share of the best pose."""
+    fig, (left, right) = _figure(10, 4, columns=2)
+    steps = [m["step"] for m in metrics]
+    left.plot(steps, [m["band_A"] for m in metrics], "-", label="band (Å)")
+    left.set(xlabel="step", ylabel="Å", title="band")
+    left.invert_yaxis()
+    twin = left.twinx()
+    twin.plot(steps, [m["loss"] for m in metrics], "-", color="tab:orange", label="minibatch loss")
+    twin.set_ylabel("loss (per image)")
+    left.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="upper right", fontsize=8)
+    right.plot(steps, [100 * m["best_probability"] for m in metrics], "-")
+    right.set(xlabel="step", ylabel="%", ylim=(0, 100), title="weight of each image's best pose (mean)")
     return _save(fig, path)
 
 

@@ -53,6 +53,10 @@ class CTFParams:
         """The ``(B,)`` parameters in field order (that of :func:`cryosgd.model.ctf.ctf_formula`)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
+    def take(self, rows: Tensor) -> CTFParams:
+        """The parameters of rows ``rows`` (indices, repeats allowed)."""
+        return CTFParams(*(c[rows] for c in self.columns()))
+
 
 @dataclass(frozen=True, eq=False)
 class Batch:
@@ -91,6 +95,14 @@ class Batch:
     def with_poses(self, rotations: Tensor, shift_A: Tensor) -> Batch:
         """The same particles at new poses: a new Batch, with nothing derived carried over."""
         return replace(self, rotations=rotations, shift_A=shift_A)
+
+    def take(self, rows: Tensor) -> Batch:
+        """The rows ``rows`` (indices into this batch, repeats allowed): e.g. one row per
+        (image, candidate pose), to be given their poses and weights."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Batch(self.index[rows.cpu().numpy()], self.rotations[rows], self.shift_A[rows],
+                     None if self.ctf is None else self.ctf.take(rows), pick(self.images_ft),
+                     pick(self.optics_group), pick(self.weight))
 
     def derived(self, key: tuple, sources: tuple[Tensor, ...], compute):
         """``compute()``, cached under ``key`` and the identity and version of ``sources``.

@@ -10,6 +10,7 @@ STAR 3.1. Columns it does not interpret are carried through unchanged.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -117,26 +118,33 @@ _ARRAY_FIELDS = ("optics_group", "angles_deg", "shift_A", "defocus_u_A", "defocu
                  "defocus_angle_deg", "phase_shift_deg", "bfactor_A2", "ctf_scale", "random_subset")
 
 
-def read_particles(path: str | Path, pixel_A: float | None = None) -> ParticleTable:
+def read_particles(path: str | Path, pixel_A: float | None = None, pixel_source: str = "--pixel-size"
+                   ) -> ParticleTable:
     """Read a RELION 3.0 or 3.1 particle STAR file.
 
     Args:
         path: the STAR file.
-        pixel_A: pixel size for STAR 3.0 files that carry none; overrides nothing in 3.1.
+        pixel_A: pixel size for STAR 3.0 files that carry none; where the file has its own, they
+            must agree (``pixel_source`` names where ``pixel_A`` came from in the error).
     """
     path = Path(path)
-    if pixel_A is not None and not pixel_A > 0:
-        raise InputError(None, f"--pixel-size {pixel_A}: must be positive")
+    if pixel_A is not None and not (pixel_A > 0 and math.isfinite(pixel_A)):
+        raise InputError(None, f"{pixel_source} {pixel_A}: must be positive")
     blocks = read_star(path)
     if "optics" in blocks:
         particles = blocks.get("particles")
         if particles is None or not particles.loop:
             raise InputError(path, "STAR 3.1 file has data_optics but no data_particles loop")
-        return _from_star31(path, particles, blocks["optics"])
-    loops = [b for b in blocks.values() if b.loop]
-    if not loops:
-        raise InputError(path, "no loop_ table of particles")
-    return _from_star30(path, loops[0], pixel_A)
+        table = _from_star31(path, particles, blocks["optics"])
+    else:
+        loops = [b for b in blocks.values() if b.loop]
+        if not loops:
+            raise InputError(path, "no loop_ table of particles")
+        table = _from_star30(path, loops[0], pixel_A)
+    own = sorted({g.pixel_A for g in table.optics})
+    if pixel_A is not None and any(abs(p - pixel_A) > 1e-3 * p for p in own):
+        raise InputError(path, f"pixel size {own[0]:g} Å in the file, but {pixel_source} {pixel_A:g}")
+    return table
 
 
 class _Columns:
@@ -198,12 +206,12 @@ def _from_star31(path: Path, particles: StarBlock, optics_block: StarBlock) -> P
 
 def _from_star30(path: Path, particles: StarBlock, pixel_A: float | None) -> ParticleTable:
     col = _Columns(path, particles)
-    if pixel_A is not None:
-        pixel = np.full(len(particles), float(pixel_A))
-    elif col.has("rlnImagePixelSize"):
+    if col.has("rlnImagePixelSize"):
         pixel = col.positive("rlnImagePixelSize")
     elif col.has("rlnDetectorPixelSize") and col.has("rlnMagnification"):
         pixel = col.positive("rlnDetectorPixelSize") * 1e4 / col.positive("rlnMagnification")
+    elif pixel_A is not None:
+        pixel = np.full(len(particles), float(pixel_A))
     else:
         raise InputError(path, "STAR 3.0 without rlnDetectorPixelSize/rlnMagnification: give the pixel size")
     if col.has("rlnDefocusU"):
@@ -242,6 +250,9 @@ def _table(path: Path, col: _Columns, optics, groups, shift) -> ParticleTable:
     if any(col.has(c) for c in _POSE_COLUMNS):
         angles = np.stack([col.floats(c) for c in _POSE_COLUMNS], axis=1)
     ctf = {}
+    partial = [c for c in ("rlnDefocusV", "rlnDefocusAngle", "rlnVoltage") if col.has(c)]
+    if partial and not col.has("rlnDefocusU") and col.has("rlnDefocusV"):
+        raise InputError(path, f"missing column rlnDefocusU (the file has {', '.join(partial)})")
     if col.has("rlnDefocusU"):
         ctf = {f: col.floats(c, default) for c, (f, default) in _CTF_COLUMNS.items()}
         if not col.has("rlnDefocusV"):

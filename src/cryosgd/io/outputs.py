@@ -71,6 +71,10 @@ def check_new_files(paths: list[Path], inputs: Iterable[Path | None], force: boo
 class OutputFolder:
     """A command's output folder, held (locked) from :meth:`open` until :meth:`close`.
 
+    A run that ends in an error (or Ctrl-C) before it has written any output leaves the folder
+    as it found it: the lock file and ``run.json`` are put back as they were, and a folder it
+    created is removed.
+
     Args:
         path: the folder.
         command: the command's name, recorded in ``run.json``.
@@ -82,26 +86,33 @@ class OutputFolder:
 
     def __init__(self, path: str | Path, command: str, outputs: Iterable[str], inputs: Iterable[Path | None] = (),
                  force: bool = False, writer: bool = True):
+        if str(path) == "":
+            raise InputError(None, "-o: an empty path (an unset shell variable?); give an output folder")
         self.path, self.command, self.force, self.writer = Path(path), command, force, writer
         self.outputs, self.inputs = [self.path / name for name in outputs], list(inputs)
         self._lock_fd: int | None = None
-        self._created = False
+        self._before: dict[Path, object] = {}
 
     def open(self) -> OutputFolder:
         if not self.writer:
             return self
-        self._created = not self.path.exists()
+        created = not self.path.exists()
         _writable_folder(self.path, "-o")
-        _refuse_inputs(self.outputs + [self.path / RUN_FILE], self.inputs)
-        self._lock()
-        existing = [p for p in self.outputs if p.exists()]
-        if existing and not self.force and self.previous_command() != self.command:
-            self.close()
-            raise InputError(existing[0], "exists and is not from an earlier `cryosgd "
-                                          f"{self.command}` run in this folder; use --force to replace it")
-        with atomic_path(self.path / RUN_FILE) as tmp:
-            tmp.write_text(json.dumps({"command": self.command, "argv": sys.argv[1:],
-                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+        self._before = {"created": created, **{p: _stamp(p) for p in self.outputs},
+                        RUN_FILE: _content(self.path / RUN_FILE), LOCK_FILE: (self.path / LOCK_FILE).exists()}
+        try:
+            _refuse_inputs(self.outputs + [self.path / RUN_FILE], self.inputs)
+            existing = [p for p in self.outputs if p.exists()]
+            if existing and not self.force and self.previous_command() != self.command:
+                raise InputError(existing[0], "exists and is not from an earlier `cryosgd "
+                                              f"{self.command}` run in this folder; use --force to replace it")
+            self._lock()
+            with atomic_path(self.path / RUN_FILE) as tmp:
+                tmp.write_text(json.dumps({"command": self.command, "argv": sys.argv[1:],
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+        except BaseException:
+            self._undo()
+            raise
         return self
 
     def previous_command(self) -> str | None:
@@ -128,17 +139,47 @@ class OutputFolder:
             os.close(self._lock_fd)  # releases the flock; the file stays (removing it would race)
             self._lock_fd = None
 
-    def __enter__(self) -> OutputFolder:
-        return self.open()
+    def wrote_outputs(self) -> bool:
+        return any(_stamp(p) != self._before.get(p) for p in self.outputs)
 
-    def __exit__(self, error_type, *exc) -> None:
-        """Release the lock; after a failure, remove the folder if this run created it and wrote
-        no output into it (a bad input leaves nothing behind)."""
+    def _undo(self) -> None:
+        """Put the folder back as :meth:`open` found it (nothing of this run was written)."""
+        run_json = self._before.get(RUN_FILE)
+        if run_json is None:
+            (self.path / RUN_FILE).unlink(missing_ok=True)
+        else:
+            with atomic_path(self.path / RUN_FILE) as tmp:
+                tmp.write_bytes(run_json)
+        if not self._before.get(LOCK_FILE):
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
         self.close()
-        if error_type is not None and self._created and not any(p.exists() for p in self.outputs):
-            for name in (RUN_FILE, LOCK_FILE):
-                (self.path / name).unlink(missing_ok=True)
+        if self._before.get("created"):
             try:
                 self.path.rmdir()
             except OSError:
                 pass
+
+    def __enter__(self) -> OutputFolder:
+        return self.open()
+
+    def __exit__(self, error_type, *exc) -> None:
+        """Release the lock; after a failure that wrote no output, undo the run's traces."""
+        if error_type is not None and self.writer and not self.wrote_outputs():
+            self._undo()
+        self.close()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time) of a file, or None when there is none."""
+    try:
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return None
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

@@ -52,6 +52,17 @@ class DataTerms:
 
 
 @dataclass(frozen=True)
+class Gradients:
+    """Sums over a batch (data term only): the loss, its gradient, and optionally H·z and diag(H)
+    (or H·1)."""
+
+    loss: Tensor
+    gradient: Tensor
+    hz: Tensor | None = None
+    diagonal: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class LeastSquares:
     """f_B, ∇f_B, H_B·z and the data terms for a :class:`ForwardModel`.
 
@@ -95,14 +106,18 @@ class LeastSquares:
         r = self.residual(x, batch) if residual is None else residual
         return 0.5 * (self.pixel_weight(batch, r) * _squared(r)).double().sum()
 
-    def data_gradients(self, x: Tensor, batch: Batch, z: Tensor | None = None):
-        """The data loss, its gradient S*(w r) and, when ``z`` is given, the data part of H·z
-        (else None), all sums over the batch; both back-projections share one scatter."""
+    def data_gradients(self, x: Tensor, batch: Batch, z: Tensor | None = None, diagonal: int | None = None
+                       ) -> Gradients:
+        """The data loss and its gradient S*(w r); when ``z`` is given the data part of H·z, and
+        with ``diagonal`` = 2 that of diag(H) (= 1: of H·1, the row sums): sums over the batch, in
+        one scatter."""
         r = self.residual(x, batch)
         weight = self.pixel_weight(batch, r)
         values = [weight * r] if z is None else [weight * r, weight * self.model.forward(z, batch)]
-        maps, _ = self.model.back_project(batch, torch.stack(values))
-        return self.data_loss(x, batch, r), maps[0], (None if z is None else maps[1])
+        curvature = None if diagonal is None else weight.expand(r.shape)
+        maps, squared = self.model.back_project(batch, torch.stack(values), curvature, powers=(diagonal or 2,))
+        return Gradients(self.data_loss(x, batch, r), maps[0], None if z is None else maps[1],
+                         None if squared is None else squared[0])
 
     def data_hvp(self, z: Tensor, batch: Batch) -> Tensor:
         """Σ_i S_i*(w S_i z_j) for a stack ``z (K, n, n, nh)``, with one scatter."""
@@ -129,7 +144,8 @@ class LeastSquares:
         return self.data_loss(x, batch) / count(batch) + self.ridge_loss(x)
 
     def loss_and_gradient(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        loss, gradient, _ = self.data_gradients(x, batch)
+        sums = self.data_gradients(x, batch)
+        loss, gradient = sums.loss, sums.gradient
         return loss / count(batch) + self.ridge_loss(x), gradient / count(batch) + self.ridge_gradient(x)
 
     def hvp(self, z: Tensor, batch: Batch) -> Tensor:

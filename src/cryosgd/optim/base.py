@@ -30,6 +30,8 @@ class Step:
         hz: H_B·z for that probe, or None.
         curvature: p ↦ ⟨p, H_B p⟩ (one forward pass, no scatter; exact: f_B is quadratic).
         new_epoch: True at the first step of an epoch.
+        diagonal: the batch's exact diag(H), or H·1 (ridge included), when a transform asks for it
+            (``wants_diagonal``), else None.
     """
 
     gradient: Tensor
@@ -37,6 +39,7 @@ class Step:
     hz: Tensor | None
     curvature: Callable[[Tensor], float]
     new_epoch: bool
+    diagonal: Tensor | None = None
 
 
 class Transform(Protocol):
@@ -52,6 +55,12 @@ class Chain:
     """Transforms applied in order; the state is the tuple of their states."""
 
     transforms: tuple
+
+    @property
+    def wants_diagonal(self) -> int | None:
+        """The weight power of the curvature a transform reads from ``Step.diagonal``: 2 for the
+        exact diag(H), 1 for H·1 (computed in the gradient's scatter), or None."""
+        return next((t.wants_diagonal for t in self.transforms if getattr(t, "wants_diagonal", None)), None)
 
     def init(self, x: Tensor) -> tuple:
         return tuple(t.init(x) for t in self.transforms)

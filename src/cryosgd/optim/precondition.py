@@ -72,6 +72,56 @@ class ScaleByHutchinson:
         return direction / d.abs().clamp(min=self.alpha), HutchinsonState(k, mean, d), {}
 
 
+@dataclass(frozen=True)
+class RunningDiagonalState:
+    count: int
+    d: Tensor
+
+
+@dataclass(frozen=True)
+class ScaleByRunningDiagonal:
+    """Divide by an exponential average D ← βD + (1−β)D_B of the batches' exact diag(H), from
+    the first batch that reaches each voxel, floored at ``floor``: the Gauss–Newton diagonal that
+    follows poses that move (it costs one more channel of the gradient's scatter, no probe).
+    With ``power=1`` D_B is H·1 instead, the data density RELION's VDAM divides by: for a map
+    smooth on the voxel scale, H x ≈ (H·1) x, so g/(H·1) is about the Newton step."""
+
+    beta: float = 0.9
+    floor: float = 1e-10
+    power: int = 2
+
+    @property
+    def wants_diagonal(self) -> int:
+        return self.power
+
+    def init(self, x: Tensor) -> RunningDiagonalState:
+        return RunningDiagonalState(0, torch.zeros(x.shape, dtype=x.real.dtype, device=x.device))
+
+    def probe(self, state, generator) -> None:
+        return None
+
+    def update(self, direction: Tensor, state: RunningDiagonalState, step: Step):
+        seen = state.d > 1e-6 * state.d.max()  # voxels that batches have reached (a band that grows adds more)
+        d = torch.where(seen, self.beta * state.d + (1 - self.beta) * step.diagonal, step.diagonal)
+        return direction / d.abs().clamp(min=self.floor), RunningDiagonalState(state.count + 1, d), {}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The update −η · direction (a fixed learning rate, as cryoSPARC's and VDAM's ab initio)."""
+
+    eta: float
+
+    def init(self, x: Tensor) -> tuple:
+        return ()
+
+    def probe(self, state, generator) -> None:
+        return None
+
+    def update(self, direction: Tensor, state, step: Step):
+        return -self.eta * direction, state, {"step_size": self.eta}
+
+
 def shell_threshold(box_px: int) -> float:
     """α = 1 / (largest number of voxels in a Fourier shell of width √3) (PAPER.md §3.1)."""
     axis = torch.fft.fftfreq(box_px, 1 / box_px, dtype=torch.float64)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from cryosgd.optim.base import Chain, chain
 from cryosgd.optim.linesearch import Armijo
-from cryosgd.optim.precondition import ScaleByDiagonal, ScaleByHutchinson
+from cryosgd.optim.precondition import ScaleByDiagonal, ScaleByHutchinson, ScaleByRunningDiagonal
 
 
 def algorithm1(beta: float = 0.9, alpha: float = 5.213981813631434e-6, d0: float | Tensor = 1.0,
@@ -23,3 +23,9 @@ def plain_sgd() -> Chain:
 def exact_diagonal_sgd(diagonal: Tensor) -> Chain:
     """SGD preconditioned by a precomputed diagonal (the paper's "SGD+p")."""
     return chain(ScaleByDiagonal(diagonal), Armijo(eta_max=1.0, growth=2.0))
+
+
+def running_diagonal_sgd(beta: float = 0.9) -> Chain:
+    """SGD preconditioned by the running average of the batches' exact diag(H): the diagonal
+    that follows moving poses (refinement, ab initio); Armijo as Algorithm 1."""
+    return chain(ScaleByRunningDiagonal(beta), Armijo(eta_max=10.0, growth=1.2))

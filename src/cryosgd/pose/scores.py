@@ -135,9 +135,10 @@ def score_poses(volume_ft: Tensor, rotations: Tensor, shifts_A: Tensor, images_f
     return TopPoses(*best, log_evidence if reduce == "logsumexp" else None)
 
 
-def posterior_weights(top: TopPoses, temperature: float = 1.0, mass: float = 0.999,
+def posterior_weights(log_likelihood: Tensor, temperature: float = 1.0, mass: float = 0.999,
                       particle_ids: Tensor | None = None) -> Tensor:
-    """``(B, K)`` weights ``softmax(LL / temperature)`` over the kept poses, pruned and renormalised.
+    """``(B, K)`` weights ``softmax(LL / temperature)`` over the kept poses' ``(B, K)``
+    log-likelihoods (e.g. :attr:`TopPoses.log_likelihood`), pruned and renormalised.
 
     Per particle, only the smallest set of poses holding ``mass`` of the softmax keeps its
     weight; the others get 0. A score of −inf is an impossible pose (weight 0); NaN, +inf or
@@ -146,7 +147,7 @@ def posterior_weights(top: TopPoses, temperature: float = 1.0, mass: float = 0.9
     """
     if not temperature > 0 or not 0 < mass <= 1:
         raise ValueError(f"posterior weights: temperature {temperature} must be > 0 and mass {mass} in (0, 1]")
-    scores = top.log_likelihood
+    scores = log_likelihood
     bad = scores.isnan().any(1) | (scores == torch.inf).any(1) | (scores == -torch.inf).all(1)
     if bad.any():
         row = int(bad.nonzero()[0, 0])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cryosgd import dist
+from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import shell_index, voxel_multiplicity
 from cryosgd.objective.diagonal import shell_means
 from cryosgd.objective.loss import DataTerms, LeastSquares, count
@@ -61,12 +62,23 @@ def objective_of(half: HalfSet, state: HalfState) -> LeastSquares:
     return LeastSquares(half.model, state.ridge, weight)
 
 
-def data_terms(half: HalfSet, sigma2: Tensor | None = None, on_batch: Callable[[], None] = lambda: None
-               ) -> DataTerms:
-    """The half's :class:`DataTerms` (means over its images) under the noise spectrum ``sigma2``: one pass."""
+Rows = Callable[[Batch, Tensor], Batch]
+"""``rows(batch, x)``: the rows to fit for a batch of images, given the current map ``x``: the
+batch itself for known poses; (image, pose) rows with posterior weights when poses are searched."""
+
+
+def _known_poses(batch: Batch, x: Tensor) -> Batch:
+    return batch
+
+
+def data_terms(half: HalfSet, sigma2: Tensor | None = None, on_batch: Callable[[], None] = lambda: None,
+               rows: Rows = _known_poses, x: Tensor | None = None) -> DataTerms:
+    """The half's :class:`DataTerms` (means over its images) under the noise spectrum ``sigma2``,
+    in one pass; ``rows`` (given the map ``x``) turns each batch into the rows to fit."""
     objective = LeastSquares(half.model, 0.0, None if sigma2 is None else noise_weight(sigma2, half.grid))
+
     def sums(batch):
-        terms = objective.data_terms(batch)
+        terms = objective.data_terms(rows(batch, x))
         return terms.c, terms.b, terms.diagonal, terms.density
 
     return DataTerms(*half.pass_mean(sums, on_batch))
@@ -129,23 +141,28 @@ def _per_shell(ssnr: Tensor, n_shells: int) -> Tensor:
     return out.clamp(min=1e-3)
 
 
-def run_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch: Callable[[], None] = lambda: None
-              ) -> tuple[HalfState, dict]:
+def run_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch: Callable[[], None] = lambda: None,
+              rows: Rows = _known_poses) -> tuple[HalfState, dict]:
     """One epoch (one iteration for ``cg``/``pcg``): the new state and the epoch's metrics.
+
+    ``rows`` turns each minibatch into the rows to fit against the current map (poses searched
+    on the minibatch, :mod:`cryosgd.recon.refine`); CG takes the batches as they are.
 
     The reported loss is that of the SGD steps' batches, each at the map before its step (their
     mean over the epoch, no extra pass); for CG it is f at the new map, from CG's own vectors.
     """
     start = time.perf_counter()
-    run = _cg_epoch if half.settings.full_batch else _sgd_epoch
-    x, optimizer, loss, steps = run(half, state, epoch, on_batch)
+    if half.settings.full_batch:
+        x, optimizer, loss, steps = _cg_epoch(half, state, epoch, on_batch)
+    else:
+        x, optimizer, loss, steps = _sgd_epoch(half, state, epoch, on_batch, rows)
     change = (x - state.x).norm() / x.norm().clamp(min=1e-30)
     metrics = {"epoch": epoch, "half": half.half, "loss": loss, "step_size": float(np.median(steps)),
                "map_change": float(change), "seconds": time.perf_counter() - start}
     return replace(state, epoch=epoch, x=x, optimizer=optimizer), metrics
 
 
-def _sgd_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch):
+def _sgd_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch, rows: Rows):
     objective = objective_of(half, state)
     optimizer = sgd_optimizer(half.settings, half.grid.work_box_px, exact_diagonal_of(half, state))
     seed = int(np.random.default_rng([half.settings.seed, half.half, epoch, 1]).integers(2**62))
@@ -153,7 +170,7 @@ def _sgd_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch):
     x, opt_state, losses, steps = state.x, state.optimizer, [], []
     for i, batch in enumerate(half.parts(epoch)):
         z = optimizer.probe(opt_state, generator)
-        step, loss, images = _minibatch_step(objective, batch, x, z, new_epoch=(i == 0))
+        step, loss, images = minibatch_step(objective, rows(batch, x), x, z, i == 0, optimizer.wants_diagonal)
         update, opt_state, info = optimizer.update(step.gradient, opt_state, step)
         x = x + update
         losses.append((loss * images, images))
@@ -162,20 +179,24 @@ def _sgd_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch):
     return x, opt_state, sum(l for l, _ in losses) / sum(n for _, n in losses), steps
 
 
-def _minibatch_step(objective: LeastSquares, batch, x: Tensor, z: Tensor | None, new_epoch: bool):
-    """One batch's loss, gradient and H·z, summed over all processes' shares: (Step, loss, |B|)."""
-    loss, gradient, hz = objective.data_gradients(x, batch, z)
-    sums = dist.all_reduce_sums(loss, gradient, *(() if z is None else (hz,)), count(batch))
-    images = float(sums[-1])
-    gradient = sums[1] / images + objective.ridge_gradient(x)
-    hz = None if z is None else sums[2] / images + objective.ridge_gradient(z)
+def minibatch_step(objective: LeastSquares, batch, x: Tensor, z: Tensor | None, new_epoch: bool,
+                   diagonal: int | None = None):
+    """One batch's loss, gradient, H·z and (``diagonal`` = 2) its exact diag(H) or (= 1) H·1,
+    summed over all processes' shares: (Step, loss, |B|)."""
+    sums = objective.data_gradients(x, batch, z, diagonal)
+    optional = [t for t in (sums.hz, sums.diagonal) if t is not None]
+    loss, gradient, *rest, images = dist.all_reduce_sums(sums.loss, sums.gradient, *optional, count(batch))
+    images = float(images)
+    hz = None if z is None else rest.pop(0) / images + objective.ridge_gradient(z)
+    exact = None if diagonal is None else rest.pop(0) / images + objective.ridge_diagonal(x.shape, x.device,
+                                                                                         x.real.dtype)
 
     def curvature(p: Tensor) -> float:  # ⟨p, H p⟩ = Σ_i |S_i p|²_w / |B| + ⟨p, R p⟩
         data, = dist.all_reduce_sums(objective.data_curvature(p, batch))
         return float(data) / images + 2 * float(objective.ridge_loss(p))
 
-    loss = float(sums[0]) / images + float(objective.ridge_loss(x))
-    return Step(gradient, z, hz, curvature, new_epoch), loss, images
+    step = Step(gradient / images + objective.ridge_gradient(x), z, hz, curvature, new_epoch, exact)
+    return step, float(loss) / images + float(objective.ridge_loss(x)), images
 
 
 def _cg_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch):

@@ -7,7 +7,7 @@ from torch import Tensor
 from cryosgd.optim.base import Chain
 from cryosgd.optim.cg import ConjugateGradient
 from cryosgd.optim.precondition import shell_threshold
-from cryosgd.optim.sgd import algorithm1, exact_diagonal_sgd, plain_sgd
+from cryosgd.optim.sgd import algorithm1, exact_diagonal_sgd, plain_sgd, running_diagonal_sgd
 from cryosgd.recon.settings import ReconstructionSettings
 
 
@@ -18,8 +18,10 @@ def sgd_optimizer(settings: ReconstructionSettings, box_px: int, diagonal: Tenso
         return plain_sgd()
     if settings.method == "exact-diag":
         return exact_diagonal_sgd(diagonal)
+    if settings.method == "running-diag":
+        return running_diagonal_sgd(settings.beta)
     alpha = shell_threshold(box_px) if settings.alpha is None else settings.alpha
-    return algorithm1(beta=settings.beta, alpha=alpha, d0=1.0 if diagonal is None else diagonal)
+    return algorithm1(beta=settings.beta, alpha=alpha, d0=1.0 if diagonal is None else diagonal, forget=settings.forget)
 
 
 def cg_optimizer(settings: ReconstructionSettings, diagonal: Tensor | None) -> ConjugateGradient:

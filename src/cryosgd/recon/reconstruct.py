@@ -33,7 +33,7 @@ from cryosgd.objective.loss import DataTerms
 from cryosgd.objective.noise import spectra
 from cryosgd.optim.cg import CGState
 from cryosgd.optim.linesearch import ArmijoState
-from cryosgd.optim.precondition import HutchinsonState
+from cryosgd.optim.precondition import HutchinsonState, RunningDiagonalState
 from cryosgd.recon.gold_standard import half_map_fsc, map_of, split_halves, ssnr_between
 from cryosgd.recon.halves import HalfSet
 from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, joint_map, one_pass_map,
@@ -41,7 +41,7 @@ from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, join
 from cryosgd.recon.settings import ReconstructionSettings
 
 OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "metrics.jsonl", "checkpoint.pt", "noise.csv")
-_STATE_TYPES = [HalfState, DataTerms, HutchinsonState, ArmijoState, CGState]
+_STATE_TYPES = [HalfState, DataTerms, HutchinsonState, ArmijoState, CGState, RunningDiagonalState]
 _RISE = 1e-3  # the half-map FSC must rise by more than this (mean over shells) for another epoch
 
 

@@ -79,7 +79,9 @@ def project(map_path: str | Path, star_path: str | Path, out_stack: str | Path, 
     out_star = out_stack.with_suffix(".star")
     volume, voxel_A = read_map(map_path)
     FourierGrid.create(volume.shape[0], voxel_A, source=map_path)
-    table = read_particles(star_path, pixel_A=voxel_A)
+    table = read_particles(star_path, pixel_A=voxel_A, pixel_source=f"{map_path}'s voxel size")
+    if options.get("use_ctf", True) and not table.has_ctf:
+        raise InputError(star_path, "no CTF columns (rlnDefocusU …); project with --no-ctf, or add the CTFs")
     check_new_files([out_stack, out_star], [map_path, star_path, *referenced_stacks(table)], force)
     with new_stack(out_stack, len(table), volume.shape[0], voxel_A) as out:
         project_into(out, volume, voxel_A, table, **options)

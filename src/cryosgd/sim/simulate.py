@@ -59,7 +59,12 @@ def load_map(path: str | Path, box_px: int | None, pixel_A: float | None) -> tup
     """A map from an MRC file (its own box and voxel size) or an atomic model (given ones)."""
     path = Path(path)
     if path.suffix.lower() in {".mrc", ".map", ".mrcs"}:
-        return read_map(path)
+        if box_px is not None or pixel_A is not None:
+            raise InputError(path, "--box and --pixel-size are for atomic models: a map has its own box and voxel size")
+        volume, voxel_A = read_map(path)
+        if not np.any(volume):
+            raise InputError(path, "the map is all zero: its projections would hold no signal")
+        return volume, voxel_A
     if not path.is_file():
         raise InputError(path, "file not found")
     if box_px is None or pixel_A is None:
@@ -97,7 +102,8 @@ class SimulationSettings:
                    "must be ≥ 0 and below twice --defocus-min"),
                   ("--bfactor", self.bfactor_A2, self.bfactor_A2 >= 0, "must be ≥ 0"),
                   ("voltage", self.voltage_kV, self.voltage_kV > 0, "must be positive"),
-                  ("amplitude contrast", self.amplitude_contrast, 0 <= self.amplitude_contrast < 1, "must be in [0, 1)")]
+                  ("amplitude contrast", self.amplitude_contrast, 0 <= self.amplitude_contrast < 1, "must be in [0, 1)"),
+                  ("--seed", self.seed, self.seed >= 0, "must be ≥ 0")]
         for option, value, ok, rule in checks:
             if not ok:
                 raise InputError(None, f"{option} {value}: {rule}")
@@ -138,11 +144,13 @@ def simulate(source: str | Path, out_dir: str | Path, settings: SimulationSettin
     out_dir = Path(out_dir)
     volume, voxel_A = load_map(source, box_px, pixel_A)
     FourierGrid.create(volume.shape[0], voxel_A, source=source)
-    poses = read_particles(poses_star, pixel_A=voxel_A) if poses_star else None
+    poses = read_particles(poses_star, pixel_A=voxel_A, pixel_source=f"{source}'s voxel size") if poses_star else None
+    if settings.bfactor_A2:
+        volume = blur(volume, voxel_A, settings.bfactor_A2)
+        if not (np.isfinite(volume).all() and np.any(volume)):
+            raise InputError(None, f"--bfactor {settings.bfactor_A2}: leaves no signal in the map")
     with OutputFolder(out_dir, "simulate", OUTPUTS, [source, poses_star], force):
         _check_space(out_dir, settings.n_particles if poses is None else len(poses), volume.shape[0])
-        if settings.bfactor_A2:
-            volume = blur(volume, voxel_A, settings.bfactor_A2)
         table = random_table(settings, voxel_A, volume.shape[0], poses)
         stack = out_dir / "particles.mrcs"
         with new_stack(stack, len(table), volume.shape[0], voxel_A) as images:

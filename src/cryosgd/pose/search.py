@@ -1,0 +1,199 @@
+"""Pose search: a global search over a rotation grid × shifts, then local refinement.
+
+Both score poses by the log-likelihood of :mod:`cryosgd.pose.scores` on a band of image
+frequencies (:class:`BandImages`). The global search keeps the ``K`` best rotations of a
+grid (each with its best shift). The local search refines each kept pose in tangent
+coordinates (:func:`cryosgd.pose.so3.exp_map`, right-multiplied: no pole singularity): per
+level it scores a 7-point star of rotations ``R·exp(h·u)``, ``u ∈ {0, ±e_x, ±e_y, ±e_z}``,
+times the 3 × 3 shifts ``t + s·{−1, 0, 1}²``, moves each coordinate to the peak of the parabola
+through its three scores (within one step; to the better neighbour where the scores are not
+concave), and halves ``h`` and ``s``. The curvature of those parabolas is the log-likelihood's:
+its inverse is the posterior variance of the rotation, the per-particle angular accuracy that
+the refinement's schedule follows (RELION estimates it by a separate perturbation test).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from cryosgd.data.batch import Batch
+from cryosgd.fourier.grids import FourierGrid
+from cryosgd.fourier.slice import Interp, extract
+from cryosgd.model.ctf import ctf_values
+from cryosgd.pose.scores import band_mask, score_poses
+from cryosgd.pose.shifts import phase_ramps
+from cryosgd.pose.so3 import exp_map
+
+_STAR = ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_SHIFTS = tuple((x, y) for y in (-1, 0, 1) for x in (-1, 0, 1))  # row-major in (y, x); centre at 4
+
+
+@dataclass(frozen=True)
+class BandImages:
+    """A batch of images on a band of frequencies, with what scoring them needs.
+
+    ``images_ft (B, P)`` complex, ``ctf (B, P)`` real, ``weight (B, P)`` real = m_k/σ²_k of each
+    image's optics group, ``freq_px (P, 2)`` Fourier-index units, ``freq_invA (P, 2)`` Å⁻¹.
+    """
+
+    images_ft: Tensor
+    ctf: Tensor
+    weight: Tensor
+    freq_px: Tensor
+    freq_invA: Tensor
+
+    def __len__(self) -> int:
+        return self.images_ft.shape[0]
+
+    def rows(self, index: slice | Tensor) -> BandImages:
+        return BandImages(self.images_ft[index], self.ctf[index], self.weight[index], self.freq_px, self.freq_invA)
+
+    @classmethod
+    def of(cls, batch: Batch, grid: FourierGrid, band_px: float, sigma2: Tensor) -> BandImages:
+        """A batch's images, CTFs and weights m_k/σ²_k (``sigma2 (G, shells)`` per optics group and
+        image shell) on the frequencies of ``grid`` within ``band_px``."""
+        device, dtype = batch.images_ft.device, batch.images_ft.real.dtype
+        keep = band_mask(grid.freq_px, band_px).to(device)
+        freq_px, freq_invA = grid.freq_px.to(device)[keep], grid.freq_invA().to(device)[keep]
+        ctf = ctf_values(batch.ctf.to(dtype=torch.float64), freq_invA)
+        shells = grid.shell_px.to(device)[keep]
+        weight = grid.multiplicity.to(device)[keep] / sigma2.to(device, torch.float64)[batch.groups(device)][:, shells]
+        return cls(batch.images_ft[:, keep], ctf.to(dtype), weight.to(dtype), freq_px.to(dtype), freq_invA.to(dtype))
+
+
+@dataclass(frozen=True)
+class PoseTable:
+    """Candidate poses of every particle of a half-set (rows in the half's order), best first.
+
+    ``rotations (N, K, 3, 3)``, ``shift_A (N, K, 2)``, ``log_likelihood (N, K)``, ``weight (N, K)``
+    posterior weights (rows sum to 1), ``sigma_deg (N,)`` the best pose's angular accuracy.
+    """
+
+    rotations: Tensor
+    shift_A: Tensor
+    log_likelihood: Tensor
+    weight: Tensor
+    sigma_deg: Tensor
+
+    def candidates(self, rows: Tensor, k: int) -> Candidates:
+        """The first ``k`` candidates of the particles ``rows``."""
+        return Candidates(self.rotations[rows, :k], self.shift_A[rows, :k], self.log_likelihood[rows, :k])
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """``K`` poses per particle: ``rotations (B, K, 3, 3)``, ``shift_A (B, K, 2)`` origins,
+    ``log_likelihood (B, K)``."""
+
+    rotations: Tensor
+    shift_A: Tensor
+    log_likelihood: Tensor
+
+
+def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts_A: Tensor, *, top_k: int,
+                  scale_profiled: bool = False, interp: Interp = "trilinear", chunk: int = 256) -> Candidates:
+    """The ``top_k`` best of ``rotations (J, 3, 3)`` × ``shifts_A (T, 2)`` for every image, in
+    chunks of ``chunk`` images. ``scale_profiled`` scores with the image scale maximised out
+    (a reference of unknown greyscale)."""
+    parts = []
+    for start in range(0, len(images), chunk):
+        part = images.rows(slice(start, start + chunk))
+        top = score_poses(volume_ft, rotations, shifts_A, part.images_ft, part.ctf, part.weight, part.freq_px,
+                          part.freq_invA, interp=interp, top_k=top_k, scale_profiled=scale_profiled)
+        parts.append(Candidates(rotations[top.rotation_index], shifts_A[top.shift_index], top.log_likelihood))
+    return Candidates(*(torch.cat(fields) for fields in zip(*((p.rotations, p.shift_A, p.log_likelihood)
+                                                               for p in parts))))
+
+
+def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, step_deg: float, step_A: float,
+                 levels: int, interp: Interp = "trilinear", chunk: int = 256) -> tuple[Candidates, Tensor]:
+    """Refine every candidate pose by ``levels`` levels of the star search (module docstring),
+    from steps ``step_deg`` and ``step_A``, then score the refined poses.
+
+    Returns:
+        The refined :class:`Candidates` and ``(B, K)`` angular accuracy (degrees): the
+        posterior standard deviation of the rotation from the last level's curvature
+        (``inf`` where the scores were not concave).
+    """
+    parts = []
+    for begin in range(0, len(images), chunk):
+        rows = slice(begin, begin + chunk)
+        part = images.rows(rows)
+        rotations, shifts = start.rotations[rows], start.shift_A[rows]
+        h, s = math.radians(step_deg), step_A
+        sigma = torch.full(rotations.shape[:2], math.inf, dtype=images.ctf.dtype, device=rotations.device)
+        for _ in range(levels):
+            scores = _star_scores(volume_ft, part, rotations, shifts, h, s, interp)
+            rotations, shifts, sigma = _move(rotations, shifts, scores, h, s)
+            h, s = h / 2, s / 2
+        final = _star_scores(volume_ft, part, rotations, shifts, 0.0, 0.0, interp, centre_only=True)
+        parts.append((rotations, shifts, final[..., 0, 0], sigma))
+    rotations, shifts, log_likelihood, sigma = (torch.cat(fields) for fields in zip(*parts))
+    return Candidates(rotations, shifts, log_likelihood), sigma
+
+
+def _star_scores(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts: Tensor, h: float, s: float,
+                 interp: Interp, centre_only: bool = False) -> Tensor:
+    """``(B, K, 9, 7)`` log-likelihoods of the star rotations × shift grid around each pose
+    (``(B, K, 1, 1)`` at the pose itself with ``centre_only``)."""
+    real = images.ctf.dtype
+    star = torch.tensor(_STAR[:1] if centre_only else _STAR, dtype=real, device=rotations.device) * h
+    offsets = torch.tensor(_SHIFTS[4:5] if centre_only else _SHIFTS, dtype=real, device=rotations.device) * s
+    batch, k = rotations.shape[:2]
+    children = rotations[:, :, None] @ exp_map(star)  # (B, K, R, 3, 3)
+    projections = extract(volume_ft, children.reshape(-1, 3, 3).to(volume_ft.real.dtype),
+                          images.freq_px.to(volume_ft.real.dtype), interp).reshape(batch, k, len(star), -1)
+    projections = projections.to(images.images_ft.dtype)
+    phases = phase_ramps(images.freq_invA, shifts[:, :, None, :] + offsets).to(images.images_ft.dtype)
+    a = (images.weight * images.ctf * images.images_ft.conj())[:, None, None, :] * phases  # (B, K, S, P)
+    left = torch.cat([a.real, -a.imag], -1).reshape(batch * k, len(offsets), -1)
+    right = torch.cat([projections.real, projections.imag], -1).reshape(batch * k, len(star), -1)
+    cross = torch.bmm(left, right.transpose(1, 2)).reshape(batch, k, len(offsets), len(star))
+    norm = torch.einsum("bp,bkrp->bkr", images.weight * images.ctf**2, projections.real**2 + projections.imag**2)
+    return cross - 0.5 * norm[:, :, None, :]
+
+
+def _move(rotations: Tensor, shifts: Tensor, scores: Tensor, h: float, s: float):
+    """One level's move of every pose to the parabolic peaks of its star and shift scores;
+    returns the new rotations, shifts and the rotation's posterior std (degrees)."""
+    by_rotation = scores.amax(2)  # (B, K, 7): each rotation at its best shift
+    step_u, curvature = _parabola(by_rotation[..., 0], by_rotation[..., 1::2], by_rotation[..., 2::2])
+    centre = scores[..., 0]  # (B, K, 9): the shifts at the centre rotation
+    step_x, _ = _parabola(centre[..., 4], centre[..., 5:6], centre[..., 3:4])
+    step_y, _ = _parabola(centre[..., 4], centre[..., 7:8], centre[..., 1:2])
+    rotations = rotations @ exp_map(step_u * h)
+    shifts = shifts + torch.cat([step_x, step_y], -1) * s
+    variance = torch.where(curvature < 0, h**2 / (-curvature).clamp(min=1e-30), torch.full_like(curvature, math.inf))
+    return rotations, shifts, torch.rad2deg(variance.mean(-1).sqrt())
+
+
+def _parabola(f0: Tensor, plus: Tensor, minus: Tensor) -> tuple[Tensor, Tensor]:
+    """Per coordinate, the offset (in steps, within ±1) of the peak of the parabola through
+    (−1, minus), (0, f0), (+1, plus), and its curvature; where it is not concave, a whole step
+    to the better neighbour if that beats the centre."""
+    f0 = f0[..., None]
+    slope, curvature = 0.5 * (plus - minus), plus + minus - 2 * f0
+    peak = (-slope / curvature.clamp(max=-1e-30)).clamp(-1.0, 1.0)
+    better = torch.where(plus > minus, 1.0, -1.0).to(f0.dtype) * (torch.maximum(plus, minus) > f0)
+    return torch.where(curvature < 0, peak, better), curvature
+
+
+def weighted_rows(batch: Batch, candidates: Candidates, weight: Tensor, group: Tensor) -> Batch:
+    """One row per (image, pose with weight > 0, symmetry mate ``R @ L``), each with its
+    weight ``w / |G|`` (times the image's own weight)."""
+    size, k = weight.shape
+    mates = group.shape[0]
+    image_weight = torch.ones(size, dtype=weight.dtype, device=weight.device) if batch.weight is None \
+        else batch.weight.to(weight)
+    w = (weight * image_weight[:, None] / mates)[:, :, None].expand(size, k, mates)
+    keep = w.reshape(-1) > 0
+    image = torch.arange(size, device=weight.device)[:, None, None].expand(size, k, mates).reshape(-1)[keep]
+    rotations = (candidates.rotations[:, :, None] @ group.to(candidates.rotations)).reshape(-1, 3, 3)[keep]
+    shifts = candidates.shift_A[:, :, None].expand(size, k, mates, 2).reshape(-1, 2)[keep]
+    rows = batch.take(image)
+    return replace(rows.with_poses(rotations.to(batch.rotations.dtype), shifts.to(batch.shift_A.dtype)),
+                   weight=w.reshape(-1)[keep].to(batch.rotations.dtype))

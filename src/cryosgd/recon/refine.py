@@ -1,0 +1,498 @@
+"""``cryosgd refine``: poses searched against each half's map, alternating with map updates.
+
+Iteration n, for each half-set independently (docs/refinement.md):
+
+1. **Search** every particle against the half's masked map on a band of frequencies: at the
+   first iteration a global search (RELION's HEALPix grid in the asymmetric unit × a shift grid,
+   with scale-profiled scores since the reference's greyscale is unknown) keeping ``top_k``
+   poses; then, at every iteration, local refinement of the kept poses
+   (:func:`cryosgd.pose.search.local_search`, two levels from a step set by the particles'
+   angular accuracy). Posterior weights over a particle's poses (a softmax of the
+   log-likelihoods tempered by τ = 3, 2, then 1) make (image, pose) rows, one per symmetry mate.
+2. **Update** each half's map from its rows: ``em`` (the default) is one pass — b, diag(H) and
+   H·1 of the weighted rows, the Wiener prior from the FSC of the two one-pass maps, the
+   one-pass map (RELION's scheme); ``sgd`` runs one epoch of preconditioned SGD from the last
+   map, each minibatch's poses searched against the current map first, the step divided by a
+   running average of the minibatches' exact diagonals (it follows the poses) and sized by the
+   paper's Armijo rule.
+3. **Join** the half maps below ``join_res_A``. Their FSC sets the resolution and the next
+   band (the FSC-0.143 shell plus ``band_margin_px``); σ² per optics group and image shell is
+   re-estimated from the residuals of the search.
+
+It stops when the band has reached Nyquist, or the resolution has not improved for two
+iterations, or at ``max_iter``: the last iteration searches at Nyquist and updates by ``em``.
+A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryosgd import dist
+from cryosgd.conventions import euler_to_matrix, map_to_ft, matrix_to_euler
+from cryosgd.data.batch import Batch
+from cryosgd.data.particles import ParticleTable, read_particles, write_particles
+from cryosgd.data.stack import ImageStack
+from cryosgd.errors import InputError
+from cryosgd.fourier.fsc import FSCCurve, fsc
+from cryosgd.fourier.grids import FourierGrid, shell_index
+from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere
+from cryosgd.io.atomic import write_lines
+from cryosgd.io.checkpoint import load_checkpoint, save_checkpoint
+from cryosgd.io.mrc import read_map, write_map
+from cryosgd.model.ctf import ctf_values
+from cryosgd.objective.loss import DataTerms, LeastSquares
+from cryosgd.objective.noise import residual_power
+from cryosgd.optim.linesearch import ArmijoState
+from cryosgd.optim.precondition import HutchinsonState, RunningDiagonalState
+from cryosgd.pose.scores import band_mask, posterior_weights
+from cryosgd.pose.search import BandImages, Candidates, PoseTable, global_search, local_search, weighted_rows
+from cryosgd.pose.shifts import shift_grid
+from cryosgd.pose.so3 import angular_step_deg, geodesic_distance_deg
+from cryosgd.pose.symmetry import symmetry_grid, symmetry_group
+from cryosgd.recon.gold_standard import half_map_fsc, map_of, split_halves, ssnr_between
+from cryosgd.recon.halves import HalfSet
+from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, joint_map, one_pass_map, run_epoch,
+                                     with_prior)
+from cryosgd.recon.reconstruct import Silent
+from cryosgd.recon.settings import ReconstructionSettings, RefineSettings
+
+OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc_iterations.csv", "metrics.jsonl", "particles.star",
+           "checkpoint.pt")
+_TEMPERATURES = (3.0, 2.0)  # iterations 1 and 2; 1 from then on
+_LEVELS = 2  # local-search levels per iteration
+
+
+@dataclass(frozen=True)
+class RefineState:
+    """The state after an iteration (what a checkpoint stores)."""
+
+    iteration: int
+    maps: tuple[Tensor, Tensor]  # the joined half maps (rfft half-grids of the working box)
+    poses: tuple[PoseTable, PoseTable] | None
+    sigma2: Tensor  # (G, shells): the noise spectrum the next search weighs by
+    band_px: float  # the next search's band
+    step_deg: float  # the next local search's first step
+    best_resolution_A: float
+    stalled: int  # iterations in a row without a better resolution
+    done: bool  # the last iteration (at Nyquist) is done
+    halves: tuple[HalfState, HalfState] | None = None  # the map update's states (prior; sgd: optimiser)
+
+
+@dataclass(frozen=True)
+class RefineInput:
+    """Everything read and checked before any output is written."""
+
+    star: Path
+    table: ParticleTable
+    stack: ImageStack
+    grid: FourierGrid
+    halves: tuple[np.ndarray, np.ndarray]
+    reference: Tensor  # [z, y, x] at the working box and pixel, low-passed
+    mask: Tensor  # [z, y, x] soft mask at the working box
+    group: Tensor  # (G, 3, 3) symmetry operators
+    files: tuple[Path, ...]
+
+    @classmethod
+    def read(cls, star: str | Path, reference: str | Path, settings: RefineSettings,
+             mask: str | Path | None = None, pixel_A: float | None = None) -> RefineInput:
+        table = read_particles(star, pixel_A=pixel_A)
+        if not table.has_ctf:
+            raise InputError(star, "no CTF columns (rlnDefocusU …): refinement needs each particle's CTF")
+        if settings.local:
+            table.require_poses()
+        stack = ImageStack(table)
+        grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px, source=stack.paths[0])
+        group = symmetry_group(settings.sym)
+        halves = tuple(split_halves(table, settings.seed))
+        files = (Path(star), *stack.paths, Path(reference), *(() if mask is None else (Path(mask),)))
+        return cls(Path(star), table, stack, grid, halves, _reference(reference, grid, settings.ini_res_A),
+                   _mask(mask, settings, grid), group, files)
+
+    def identity(self, settings: RefineSettings) -> dict:
+        """What a checkpoint is resumed only with (as :meth:`ReconstructionInput.identity`)."""
+        return {"star": str(self.star.resolve()), "particles": self.table.digest(), "stacks": self.stack.files(),
+                "settings": settings.identity()}
+
+
+def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
+    """The reference resampled to the working box and pixel, low-passed to ``ini_res_A``."""
+    volume, voxel_A = read_map(path)
+    if not np.any(volume):
+        raise InputError(path, "the reference is all zero")
+    size_A = volume.shape[0] * voxel_A
+    if not 0.25 < size_A / (grid.box_px * grid.pixel_A) < 4:
+        raise InputError(path, f"a box of {size_A:.0f} Å ({volume.shape[0]} × {voxel_A:g} Å) cannot be resampled "
+                               f"to the particles' {grid.box_px * grid.pixel_A:.0f} Å")
+    n, pixel = grid.work_box_px, grid.work_pixel_A
+    volume = resample(torch.as_tensor(volume, dtype=torch.float64), voxel_A, n, pixel)
+    return low_pass(volume, pixel, max(ini_res_A, 2 * pixel))
+
+
+def _mask(path: str | Path | None, settings: RefineSettings, grid: FourierGrid) -> Tensor:
+    """The user's mask at the working box, or a soft sphere of the particle diameter."""
+    n, pixel = grid.work_box_px, grid.work_pixel_A
+    if path is None:
+        diameter_A = settings.particle_diameter_A or 0.8 * grid.box_px * grid.pixel_A
+        return soft_sphere(n, min(diameter_A / (2 * pixel), n / 2 - 2), edge_px=max(2.0, n / 32))
+    volume, _ = read_map(path, need_voxel_size=False)
+    if volume.shape[0] not in (grid.box_px, n):
+        raise InputError(path, f"a mask of box {volume.shape[0]}: expected the particles' box {grid.box_px}")
+    if not volume.max() > 0:
+        raise InputError(path, "the mask is all zero")
+    mask = torch.as_tensor(volume, dtype=torch.float64)
+    if mask.shape[0] != n:
+        mask = resample(mask, grid.pixel_A, n, pixel)
+    return mask.clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    out_dir: Path
+    fsc: FSCCurve
+    metrics: list[dict]
+
+    @property
+    def resolution_A(self) -> float:
+        return self.fsc.resolution_at(0.143)
+
+
+def refine(inputs: RefineInput, out_dir: str | Path, settings: RefineSettings = RefineSettings(), *,
+           resume: bool = False, device=None, dtype: torch.dtype = torch.float32, progress=Silent()) -> RefineResult:
+    """Gold-standard refinement of ``inputs``' particles from its reference into ``out_dir``."""
+    engine = ReconstructionSettings(method="running-diag", batch_size=settings.batch_size, interp=settings.interp,
+                                    work_box_px=settings.work_box_px, store=settings.store,
+                                    store_dtype=settings.store_dtype, seed=settings.seed)
+    halves = [HalfSet(inputs.table.subset(index), inputs.stack.subset(index), inputs.grid, engine, h, device, dtype)
+              for h, index in enumerate(inputs.halves, start=1)]
+    run = _Run(Path(out_dir), inputs.identity(settings))
+    state, metrics = run.load(device) if resume else (None, [])
+    progress.total(settings.max_iter)
+    if state is None:
+        state = _start(halves, inputs, settings)
+    while not state.done:
+        start = time.perf_counter()
+        state, row = _iterate(halves, inputs, settings, state)
+        metrics = metrics + [{**row, "seconds": time.perf_counter() - start}]
+        run.save(state, metrics)
+        progress.advance()
+        progress.line(_line(metrics[-1]))
+    return _write_outputs(run.out_dir, halves, inputs, state, metrics)
+
+
+def _start(halves: list[HalfSet], inputs: RefineInput, settings: RefineSettings) -> RefineState:
+    """Iteration 0: the masked reference for both halves, σ² from the images' power spectrum,
+    the first band from ``ini_res_A``; with ``local``, the STAR file's poses."""
+    grid, device = inputs.grid, halves[0].device
+    complex_dtype = torch.promote_types(halves[0].dtype, torch.complex64)
+    x = masked_ft(map_to_ft(inputs.reference), inputs.mask).to(device, complex_dtype)
+    band = min(grid.work_box_px / 2 - 1, math.ceil(grid.box_px * grid.pixel_A / settings.ini_res_A) + 1)
+    poses = tuple(_table_poses(h) for h in halves) if settings.local else None
+    step = 2.0 if settings.local else angular_step_deg(settings.global_order) / 2
+    return RefineState(0, (x, x), poses, _image_power(halves), float(band), step, math.inf, 0, False)
+
+
+def _image_power(halves: list[HalfSet]) -> Tensor:
+    """σ² per optics group and image shell from the images themselves (the residual to a zero
+    map): an upper bound of the noise (it holds the signal too), good enough for a first search."""
+    sums = counts = 0.0
+    for h in halves:
+        objective, zero, groups = LeastSquares(h.model, 0.0), h.zeros(), len(h.table.optics)
+        s, c = h.pass_mean(lambda batch: residual_power(objective, zero, batch, groups))
+        sums, counts = sums + s * len(h), counts + c * len(h)
+    return sums / counts.clamp(min=1)[:, None]
+
+
+def _table_poses(half: HalfSet) -> PoseTable:
+    """The STAR file's poses as one candidate per particle (``local``)."""
+    rotations = euler_to_matrix(torch.as_tensor(half.table.angles_deg, dtype=torch.float64))
+    ones = torch.ones(len(half), 1, dtype=half.dtype, device=half.device)
+    return PoseTable(rotations[:, None].to(half.device, half.dtype),
+                     torch.as_tensor(half.table.shift_A, dtype=half.dtype, device=half.device)[:, None],
+                     0 * ones, ones, 2.0 * ones[:, 0])
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the searches of one iteration do; ``grid``: the global search's rotations, or None
+    for local searches only."""
+
+    iteration: int
+    band_px: float
+    step_deg: float
+    sigma2: Tensor
+    grid: Tensor | None
+    settings: RefineSettings
+    group: Tensor
+
+    @property
+    def k(self) -> int:
+        """Poses per particle."""
+        return self.settings.top_k if self.grid is not None else self.settings.local_k
+
+    @property
+    def final_step_deg(self) -> float:
+        return self.step_deg / 2 ** (_LEVELS - 1)
+
+    @property
+    def temperature(self) -> float:
+        return _TEMPERATURES[self.iteration - 1] if self.iteration <= len(_TEMPERATURES) else 1.0
+
+
+def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSettings, state: RefineState):
+    """One iteration: search, update, join. Returns the new state and its metrics row."""
+    n, grid = state.iteration + 1, inputs.grid
+    last = n >= settings.max_iter or _converged(state, grid)
+    band = grid.work_box_px / 2 - 1 if last else state.band_px
+    device, dtype = halves[0].device, halves[0].dtype
+    search_grid = symmetry_grid(settings.global_order, inputs.group.to(device, dtype)).matrices \
+        if n == 1 and not settings.local else None
+    plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group)
+    references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
+    if settings.update == "sgd" and 1 < n and not last:
+        found = [_Found(len(h), plan.k, device, dtype) for h in halves]
+        stepped = [_sgd_update(h, s, x, plan, prev, f, inputs.mask) for h, s, x, prev, f in
+                   zip(halves, state.halves, state.maps, state.poses, found)]
+        maps, states = [s.x for s in stepped], stepped
+    else:
+        found = [_search_half(h, x, plan, prev) for h, x, prev in zip(halves, references, state.poses or (None, None))]
+        maps, states = _em_update(halves, [f.table() for f in found], inputs.group, state.sigma2)
+    poses = [f.table() for f in found]
+    maps = _join(maps, grid, settings.join_res_A)
+    states = [replace(s, x=x) for s, x in zip(states, maps)]
+    curve = half_map_fsc(*maps, grid, settings.interp)
+    resolution = curve.resolution_at(0.143)
+    accuracy = float(torch.cat([p.sigma_deg for p in poses]).nan_to_num(posinf=90.0).median())
+    sigma2 = _pooled_sigma2(found) if n > 1 else state.sigma2
+    row = {"iteration": n, "band_px": band, "band_A": grid.box_px * grid.pixel_A / band, "step_deg": plan.step_deg,
+           "final_step_deg": plan.final_step_deg, "changed": _changed(state.poses, poses, plan.final_step_deg),
+           "accuracy_deg": accuracy, "best_probability": float(torch.cat([p.weight[:, 0] for p in poses]).median()),
+           "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
+           "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
+    better = resolution < state.best_resolution_A - 1e-6
+    return RefineState(n, tuple(maps), tuple(poses), sigma2, _next_band(curve, grid, settings, state.band_px),
+                       min(max(accuracy, 0.1), plan.step_deg), min(resolution, state.best_resolution_A),
+                       0 if better else state.stalled + 1, last, tuple(states)), row
+
+
+def _converged(state: RefineState, grid: FourierGrid) -> bool:
+    """The band has reached Nyquist, or two iterations in a row brought no better resolution."""
+    return state.iteration >= 3 and (state.band_px >= grid.work_box_px / 2 - 1 or state.stalled >= 2)
+
+
+def _next_band(curve: FSCCurve, grid: FourierGrid, settings: RefineSettings, band: float) -> float:
+    """The FSC-0.143 shell plus the margin; never lower than before; at most Nyquist."""
+    below = np.nonzero(~(curve.fsc[1:] >= 0.143))[0]
+    shell = len(curve.fsc) - 1 if len(below) == 0 else int(below[0])
+    return float(min(grid.work_box_px / 2 - 1, max(band, shell + settings.band_margin_px)))
+
+
+class _Found:
+    """Collects the poses found for this rank's particles of a half, and the residual power of
+    their best poses (for σ²); :meth:`table` adds up all ranks' shares."""
+
+    def __init__(self, n: int, k: int, device, dtype):
+        self.n, self.k, self.device, self.dtype = n, k, device, dtype
+        self.parts: list[tuple[np.ndarray, Candidates, Tensor, Tensor]] = []
+        self.power = self.counts = 0.0
+        self._table = None
+
+    def put(self, index: np.ndarray, found: Candidates, weight: Tensor, sigma_deg: Tensor) -> None:
+        self.parts.append((index, found, weight, sigma_deg))
+
+    def table(self) -> PoseTable:
+        if self._table is None:
+            full = [torch.zeros(self.n, self.k, *shape, dtype=self.dtype, device=self.device)
+                    for shape in ((3, 3), (2,), (), ())] + [torch.zeros(self.n, dtype=self.dtype, device=self.device)]
+            for index, found, weight, sigma in self.parts:
+                rows = torch.as_tensor(index, device=self.device)
+                width = weight.shape[1]
+                for target, value in zip(full, (found.rotations, found.shift_A, found.log_likelihood, weight)):
+                    target[rows, :width] = value.to(self.dtype)
+                full[4][rows] = sigma.to(self.dtype)
+            self._table = PoseTable(*dist.all_reduce_sums(*full))
+        return self._table
+
+
+def _search_half(half: HalfSet, reference: Tensor, plan: _Plan, previous: PoseTable | None) -> _Found:
+    """The poses of every particle of the half against ``reference`` (one pass)."""
+    found = _Found(len(half), plan.k, half.device, half.dtype)
+    for batch in half.parts(None):
+        _search_batch(half, batch, reference, plan, previous, found)
+    return found
+
+
+def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, previous: PoseTable | None,
+                  found: _Found) -> Batch:
+    """Search the images of ``batch``, record their poses in ``found``, and return their
+    (image, pose) rows with posterior weights."""
+    settings, pixel = plan.settings, half.grid.work_pixel_A
+    images = BandImages.of(batch, half.grid, plan.band_px, plan.sigma2)
+    if plan.grid is not None:
+        radius_A = settings.max_shift_A or 5 * half.grid.pixel_A
+        shifts = shift_grid(radius_A, pixel, dtype=half.dtype, device=half.device)
+        start = global_search(reference, images, plan.grid, shifts, top_k=settings.top_k, scale_profiled=True,
+                              interp=settings.interp)
+    else:
+        start = previous.candidates(torch.as_tensor(batch.index, device=half.device), settings.local_k)
+    step_A = pixel * plan.step_deg / angular_step_deg(settings.global_order)
+    candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
+                                     levels=_LEVELS, interp=settings.interp)
+    candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (_LEVELS - 1))
+    order = candidates.log_likelihood.argsort(dim=1, descending=True)
+    candidates = Candidates(*(torch.take_along_dim(t, order.view(*order.shape, *[1] * (t.dim() - 2)), 1)
+                              for t in (candidates.rotations, candidates.shift_A, candidates.log_likelihood)))
+    weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
+                               particle_ids=torch.as_tensor(batch.index))
+    if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank
+        found.put(batch.index, candidates, weight, torch.take_along_dim(sigma, order, 1)[:, 0])
+    rows = weighted_rows(batch, candidates, weight, plan.group)
+    best = weighted_rows(batch, candidates, torch.eye(1, weight.shape[1], dtype=weight.dtype,
+                                                    device=weight.device).expand_as(weight), plan.group[:1])
+    power, counts = residual_power(LeastSquares(half.model, 0.0), reference, best, len(half.table.optics))
+    found.power, found.counts = found.power + power, found.counts + counts
+    return rows
+
+
+def _distinct(candidates: Candidates, step_deg: float, step_A: float) -> Candidates:
+    """Candidates that refined onto a better one (within a final step in rotation and shift)
+    get log-likelihood −inf: the same pose must not be counted twice."""
+    rotations, shifts, scores = candidates.rotations, candidates.shift_A, candidates.log_likelihood
+    close = (geodesic_distance_deg(rotations[:, :, None], rotations[:, None]) <= step_deg) & \
+        ((shifts[:, :, None] - shifts[:, None]).norm(dim=-1) <= step_A)
+    k = torch.arange(scores.shape[1], device=scores.device)
+    better = (scores[:, None, :] > scores[:, :, None]) | ((scores[:, None, :] == scores[:, :, None]) & (k[None, :] < k[:, None]))
+    # better[b, k, j]: candidate j is preferred to candidate k
+    duplicate = (close & better).any(-1)
+    return replace(candidates, log_likelihood=scores.masked_fill(duplicate, -torch.inf))
+
+
+def _em_update(halves: list[HalfSet], poses: list[PoseTable], group: Tensor, sigma2: Tensor):
+    """One pass per half over its (image, pose) rows: each half's one-pass map under the Wiener
+    prior from the FSC of the two."""
+    def rows_of(table: PoseTable):
+        def rows(batch: Batch, x) -> Batch:
+            index = torch.as_tensor(batch.index, device=table.weight.device)
+            candidates = table.candidates(index, table.weight.shape[1])
+            return weighted_rows(batch, candidates, table.weight[index], group)
+        return rows
+
+    states = [initial_state(h, data_terms(h, sigma2, rows=rows_of(p)), sigma2) for h, p in zip(halves, poses)]
+    ssnr = ssnr_between(*(one_pass_map(h, s) for h, s in zip(halves, states)))
+    states = [with_prior(h, s, ssnr) for h, s in zip(halves, states)]
+    return [one_pass_map(h, s) for h, s in zip(halves, states)], states
+
+
+def _sgd_update(half: HalfSet, state: HalfState, x: Tensor, plan: _Plan, previous: PoseTable, found: _Found,
+                mask: Tensor) -> HalfState:
+    """One epoch of Algorithm 1 from ``x``, each minibatch's poses searched against the current
+    (masked) map first."""
+    def rows(batch: Batch, current: Tensor) -> Batch:
+        return _search_batch(half, batch, masked_ft(current, mask.to(current.device)), plan, previous, found)
+
+    stepped, _ = run_epoch(half, replace(state, x=x), plan.iteration, rows=rows)
+    return stepped
+
+
+def _pooled_sigma2(found: list[_Found]) -> Tensor:
+    """σ² per group and shell from both halves' best-pose residuals (all ranks)."""
+    power, counts = dist.all_reduce_sums(sum(f.power for f in found), sum(f.counts for f in found))
+    return power / counts.clamp(min=1)[:, None]
+
+
+def _join(maps: list[Tensor], grid: FourierGrid, join_res_A: float) -> list[Tensor]:
+    """Both half maps with their mean below ``join_res_A`` (the gold standard's shared low band)."""
+    low = (shell_index(grid.work_box_px, maps[0].device) < grid.box_px * grid.pixel_A / join_res_A)
+    mean = 0.5 * (maps[0] + maps[1])
+    return [torch.where(low, mean, x) for x in maps]
+
+
+def _changed(before: tuple[PoseTable, PoseTable] | None, after: list[PoseTable], step_deg: float) -> float:
+    """Fraction of particles whose best rotation moved by more than the search's final step."""
+    if before is None:
+        return 1.0
+    moved = [geodesic_distance_deg(a.rotations[:, 0], b.rotations[:, 0]) > step_deg for a, b in zip(after, before)]
+    return float(torch.cat(moved).float().mean())
+
+
+def _line(row: dict) -> str:
+    return (f"iteration {row['iteration']} ({row['update']}): band {row['band_A']:.1f} Å, step "
+            f"{row['step_deg']:.2f}° → {row['final_step_deg']:.2f}°, {100 * row['changed']:.0f} % of poses moved, "
+            f"accuracy {row['accuracy_deg']:.2f}°, half-map resolution {row['resolution_A']:.2f} Å, "
+            f"{row['seconds']:.0f} s")
+
+
+@dataclass
+class _Run:
+    """``checkpoint.pt`` and ``metrics.jsonl`` of a refinement (rank 0 writes)."""
+
+    out_dir: Path
+    identity: dict
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def load(self, device) -> tuple[RefineState, list[dict]]:
+        if not self.path.exists():
+            raise InputError(self.path, "--resume: no checkpoint here; run without --resume to start")
+        saved = load_checkpoint(self.path, [RefineState, PoseTable, HalfState, DataTerms, HutchinsonState,
+                                            ArmijoState, RunningDiagonalState], device)
+        for key, what in (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"),
+                          ("settings", "settings")):
+            if saved.get("identity", {}).get(key) != self.identity[key]:
+                raise InputError(self.path, f"--resume: made from another {what}; choose another -o, or drop "
+                                            "--resume and add --force to start over")
+        return saved["state"], saved["metrics"]
+
+    def save(self, state: RefineState, metrics: list[dict]) -> None:
+        if dist.is_main():
+            save_checkpoint(self.path, {"identity": self.identity, "state": state, "metrics": metrics})
+            write_lines(self.out_dir / "metrics.jsonl",
+                        [json.dumps({k: v for k, v in m.items() if k != "fsc"}) for m in metrics])
+
+
+def _write_outputs(out_dir: Path, halves: list[HalfSet], inputs: RefineInput, state: RefineState,
+                   metrics: list[dict]) -> RefineResult:
+    """half1.mrc, half2.mrc, map.mrc, fsc.csv, fsc_iterations.csv and particles.star (rank 0)."""
+    grid, interp = inputs.grid, halves[0].settings.interp
+    maps = [map_of(x, grid, interp) for x in (*state.maps, joint_map(halves, list(state.halves)))]
+    curve = fsc(maps[0], maps[1], grid.work_pixel_A)
+    if dist.is_main():
+        for name, volume in zip(("half1.mrc", "half2.mrc", "map.mrc"), maps):
+            write_map(out_dir / name, volume, grid.work_pixel_A)
+        write_lines(out_dir / "fsc.csv", ["shell,resolution_A,fsc"] + [
+            f"{i},{r:.4f},{f:.6f}" for i, (r, f) in enumerate(zip(curve.resolution_A, curve.fsc))])
+        write_lines(out_dir / "fsc_iterations.csv", ["iteration,shell,resolution_A,fsc"] + [
+            f"{m['iteration']},{i},{curve.resolution_A[i]:.4f},{f:.6f}" for m in metrics for i, f in enumerate(m["fsc"])])
+        write_particles(out_dir / "particles.star", refined_table(inputs, state))
+    return RefineResult(out_dir, curve, metrics)
+
+
+def refined_table(inputs: RefineInput, state: RefineState) -> ParticleTable:
+    """The input table with each particle's best pose, its half-set, and RELION's columns for
+    the best pose's probability, the number of poses it was spread over, and its log-likelihood."""
+    table = inputs.table
+    n = len(table)
+    angles, shifts = np.zeros((n, 3)), np.zeros((n, 2))
+    probability, significant, score = np.zeros(n), np.zeros(n, dtype=int), np.zeros(n)
+    subset = np.zeros(n, dtype=int)
+    for h, (index, poses) in enumerate(zip(inputs.halves, state.poses), start=1):
+        angles[index] = matrix_to_euler(poses.rotations[:, 0].double().cpu()).numpy()
+        shifts[index] = poses.shift_A[:, 0].double().cpu().numpy()
+        probability[index] = poses.weight[:, 0].double().cpu().numpy()
+        significant[index] = (poses.weight > 0).sum(1).cpu().numpy()
+        score[index] = poses.log_likelihood[:, 0].double().cpu().numpy()
+        subset[index] = h
+    extra = {**table.extra, "rlnMaxValueProbDistribution": [f"{v:.6f}" for v in probability],
+             "rlnNrOfSignificantSamples": [str(v) for v in significant],
+             "rlnLogLikeliContribution": [f"{v:.6g}" for v in score]}
+    return replace(table, angles_deg=angles, shift_A=shifts, random_subset=subset, extra=extra)

@@ -1,0 +1,67 @@
+"""Global and local pose search on projections of a known map."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryosgd.conventions import map_to_ft
+from cryosgd.fourier.grids import FourierGrid
+from cryosgd.fourier.slice import extract
+from cryosgd.pose.scores import band_mask
+from cryosgd.pose.search import BandImages, Candidates, global_search, local_search
+from cryosgd.pose.shifts import phase_ramps, shift_grid
+from cryosgd.pose.so3 import exp_map, geodesic_distance_deg, random_rotations, uniform_rotations
+from cryosgd.sim.phantom import blob_phantom
+
+BOX, PIXEL_A = 32, 3.0
+
+
+def _images(n, noise, seed=0, band=None):
+    """Projections of a blob map at random poses and origins, with CTFs and white noise."""
+    g = torch.Generator().manual_seed(seed)
+    grid = FourierGrid.create(BOX, PIXEL_A)
+    volume_ft = map_to_ft(torch.tensor(blob_phantom(BOX, seed=3, sigma_px=1.5), dtype=torch.float64))
+    rotations = random_rotations(n, g)
+    shifts = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 8
+    freq_px, freq_invA = grid.freq_px, grid.freq_invA()
+    s2 = (freq_invA**2).sum(-1)
+    defocus = 1e4 * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    ctf = -torch.sin(math.pi * 0.0197 * defocus * s2 - 0.1)  # a plain CTF-like modulation
+    clean = ctf * phase_ramps(freq_invA, shifts[:, None])[:, 0] * extract(volume_ft, rotations, freq_px)
+    sigma = noise * clean.abs().pow(2).mean().sqrt()
+    images = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.complex128)
+    keep = band_mask(freq_px, band or BOX / 2 - 1)
+    weight = grid.multiplicity[keep] / sigma**2
+    band_images = BandImages(images[:, keep], ctf[:, keep], weight.expand(n, -1), freq_px[keep], freq_invA[keep])
+    return volume_ft, band_images, rotations, shifts
+
+
+def test_global_search_finds_the_nearest_grid_pose_and_the_shift():
+    volume_ft, images, truth, shifts = _images(20, noise=0.3, band=8)
+    grid = uniform_rotations(1)
+    found = global_search(volume_ft, images, grid.matrices, shift_grid(6.0, 3.0), top_k=4)
+    error = geodesic_distance_deg(found.rotations[:, 0], truth)
+    # the order-1 grid (30°) has a covering radius of ≈ 25° and a median nearest distance of ≈ 15°
+    assert float(error.median()) < 20 and float((error < 30).double().mean()) >= 0.85
+    assert (found.log_likelihood[:, :-1] >= found.log_likelihood[:, 1:]).all()
+
+
+@pytest.mark.parametrize("noise,levels,median_deg", [(0.05, 6, 0.3), (0.5, 4, 1.2)])
+def test_local_search_refines_poses_well_below_its_first_step(noise, levels, median_deg):
+    volume_ft, images, truth, shifts = _images(40, noise=noise, seed=1)
+    g = torch.Generator().manual_seed(5)
+    kick = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    kick = kick / kick.norm(dim=-1, keepdim=True) * math.radians(5.0)
+    start = Candidates((truth @ exp_map(kick))[:, None], (shifts + 1.5)[:, None], torch.zeros(40, 1))
+    refined, sigma = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=levels)
+    error = geodesic_distance_deg(refined.rotations[:, 0], truth)
+    assert float(error.median()) < median_deg and float(error.max()) < 3.0
+    assert float((refined.shift_A[:, 0] - shifts).norm(dim=-1).median()) < 0.2
+    if noise >= 0.5:  # noise-limited: the curvature's accuracy estimate is calibrated (for an
+        # isotropic Gaussian error of std σ per axis the median geodesic error is ≈ 1.54 σ)
+        ratio = float(error.median()) / (1.54 * float(sigma.median()))
+        assert 0.6 < ratio < 1.6, ratio
+    before = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=0)[0].log_likelihood
+    assert (refined.log_likelihood > before).all()
