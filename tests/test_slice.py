@@ -233,9 +233,8 @@ class _FakeCompiler:
     def __init__(self, broken=False):
         self.compiled, self.calls, self.broken = 0, 0, broken
 
-    def __call__(self, fn, dynamic=None):
+    def __call__(self, fn):
         self.compiled += 1
-        self.dynamic = dynamic
 
         def run(*args):
             self.calls += 1
@@ -276,7 +275,6 @@ def test_auto_runs_eagerly_until_the_eager_time_passes_the_threshold(fake_compil
     kernel(torch.ones(3))
     kernel(torch.ones(3))
     assert (fake.compiled, fake.calls) == (1, 2)
-    assert fake.dynamic is True  # one compilation for every batch size and band
 
 
 def test_compile_setting_1_compiles_at_the_first_call_and_0_never(fake_compiler, monkeypatch):

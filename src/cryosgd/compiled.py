@@ -3,7 +3,8 @@
 ``maybe_compile(fn)`` returns a callable that runs ``fn`` eagerly and times each call
 (``perf_counter``, after ``torch.cuda.synchronize`` when an argument is on CUDA). Once
 the eager calls of that function have taken more than ``CRYOSGD_COMPILE_AFTER_S`` seconds in
-all (default 3, about what one compilation costs), it switches to ``torch.compile`` of it, so
+all (default 10: a compilation costs 5 s with a warm cache, 20 s with a cold one, and a
+run that has spent 10 s in a kernel is likely to spend more), it switches to ``torch.compile`` of it, so
 short runs never pay for compilation, nor for importing ``torch._dynamo``, and long runs
 get the fused kernels. ``maybe_compile(fn, compile_fn)`` compiles ``compile_fn`` instead:
 the same function written for the compiler (tests check that the two agree).
@@ -17,9 +18,10 @@ function stays eager for the rest of the process; the first such failure is repo
 ``RuntimeWarning``. (Compilation fails before the compiled code runs, so a kernel that writes
 into an argument does not write twice.)
 
-Shapes are dynamic from the first compilation (``dynamic=True``): the batch, the band (the
-number of frequencies) and the map change between calls of refinement and ab initio, and a
-kernel compiled for one shape would be compiled again for each. The kernels take their
+Shapes are specialised at the first compilation and turn dynamic in the dimensions that change
+later (torch's automatic dynamic shapes): a known-pose reconstruction keeps its specialised,
+faster kernels; refinement and ab initio, whose band changes, get dynamic ones after one more
+compilation. The kernels take their
 channel layout (how many maps, which weight powers) and interpolation as constants, so a long
 session (the paper reproduction) meets more variants than torch's default of 8 compilations
 per function; the limit is raised to 64 so that they all stay compiled.
@@ -27,7 +29,8 @@ per function; the limit is raised to 64 so that they all stay compiled.
 On the CPU, inductor needs a C++ compiler and Python's headers (``g++``, ``python3-dev``); where
 they are missing, functions stay eager without a word (:func:`cpu_compiler_available`).
 ``maybe_compile(..., on_cpu=False)`` compiles only for CUDA tensors: the scatter, whose
-compiled CPU version is no faster than the eager one (docs/benchmarks.md).
+compiled CPU version (float atomics) is no faster than the eager one's serial ``index_add_``
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 _RECOMPILE_LIMIT = 64
-_DEFAULT_AFTER_S = 3.0
+_DEFAULT_AFTER_S = 10.0
 _warned = False
 
 
@@ -106,7 +109,7 @@ class _Tiered:
         try:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
-            return torch.compile(self.compile_fn, dynamic=True)  # one kernel for every batch and band
+            return torch.compile(self.compile_fn)
         except Exception as error:  # noqa: BLE001 - any failure of the compiler means: stay eager
             self._give_up(error)
             return None

@@ -223,7 +223,7 @@ def _insert_corners(out: Tensor, channels: tuple[Tensor, ...], rotations: Tensor
 
 
 _extract_kernel = maybe_compile(_extract_vectorised, _extract_corners)
-_insert_kernel = maybe_compile(_insert_vectorised, _insert_corners, on_cpu=False)  # on CPU: eager is as fast
+_insert_kernel = maybe_compile(_insert_vectorised, _insert_corners, on_cpu=False)  # no faster compiled on CPU
 
 
 def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Interp = "trilinear") -> Tensor:
