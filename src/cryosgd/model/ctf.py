@@ -33,12 +33,21 @@ def ctf_values(params: CTFParams, freq_invA: Tensor) -> Tensor:
 
 def ctf_formula(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
                 phase_shift_deg, bfactor_A2, scale, kx, ky) -> Tensor:
-    """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``."""
+    """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``.
+
+    cos 2(φ − φ_ast) is expanded as cos 2φ cos 2φ_ast + sin 2φ sin 2φ_ast, with cos 2φ and sin 2φ
+    from (kx, ky) per frequency (φ = atan2(ky, kx), 0 at k = 0): no angle per (particle,
+    frequency), a third of the work of the direct form.
+    """
     s2 = kx**2 + ky**2
+    safe = torch.where(s2 > 0, s2, torch.ones_like(s2))
+    cos_2phi = torch.where(s2 > 0, (kx**2 - ky**2) / safe, torch.ones_like(s2))
+    sin_2phi = torch.where(s2 > 0, 2 * kx * ky / safe, torch.zeros_like(s2))
     lam = electron_wavelength_A(voltage_kV)
     mean = (defocus_u_A + defocus_v_A) / 2
     half_diff = (defocus_u_A - defocus_v_A) / 2
-    defocus = -(mean + half_diff * torch.cos(2 * (torch.atan2(ky, kx) - torch.deg2rad(defocus_angle_deg))))
+    angle = 2 * torch.deg2rad(defocus_angle_deg)
+    defocus = -(mean + half_diff * (cos_2phi * torch.cos(angle) + sin_2phi * torch.sin(angle)))
     q0 = amplitude_contrast
     chi = (math.pi * lam * defocus * s2 + (math.pi / 2) * cs_mm * 1e7 * lam**3 * s2**2
            - torch.deg2rad(phase_shift_deg) - torch.atan(q0 / torch.sqrt(1 - q0**2)))

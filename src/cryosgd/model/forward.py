@@ -10,27 +10,38 @@ exact for the real inner product on both sides (see :mod:`cryosgd.fourier.slice`
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cryosgd.compiled import maybe_compile
-from cryosgd.conventions import shift_angle
 from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import Interp, extract, insert_many
 from cryosgd.model.ctf import ctf_formula
 
 
-def _modulation(freq_invA: Tensor, shift_A: Tensor, *ctf_columns: Tensor) -> Tensor:
-    """``(B, P, 2)`` real and imaginary parts of CTF · exp(+2πi k · origin), CTF = 1 without columns."""
-    angle = shift_angle(freq_invA, shift_A)
-    ctf = ctf_formula(*(c[:, None] for c in ctf_columns), freq_invA[:, 0], freq_invA[:, 1]) if ctf_columns else 1.0
-    return torch.stack([ctf * torch.cos(angle), ctf * torch.sin(angle)], -1)
+def _modulation(freq_px: Tensor, step_invA: float, shift_A: Tensor, *ctf_columns: Tensor) -> Tensor:
+    """``(B, P)`` complex CTF · exp(+2πi k · origin), CTF = 1 without columns.
+
+    The phase factor separates, exp(2πi (kx tx + ky ty)) = exp(2πi kx tx) · exp(2πi ky ty): a
+    table per particle and frequency index on each axis, and one product per (particle, pixel)
+    instead of a sine and a cosine (``conventions.shift_phase``'s values, to rounding).
+    """
+    index = freq_px.long()
+    steps = torch.arange(-int(index.abs().max()), int(index.abs().max()) + 1, device=shift_A.device)
+    tables = [torch.polar(torch.ones_like(a), a) for a in
+              (2 * math.pi * step_invA * shift_A[:, axis, None] * steps for axis in (0, 1))]
+    offset = steps.shape[0] // 2
+    phase = tables[0][:, index[:, 0] + offset] * tables[1][:, index[:, 1] + offset]
+    if not ctf_columns:
+        return phase
+    freq_invA = freq_px * step_invA
+    return phase * ctf_formula(*(c[:, None] for c in ctf_columns), freq_invA[:, 0], freq_invA[:, 1])
 
 
-_modulation_fast = maybe_compile(_modulation)
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,10 @@ class ForwardModel:
                              lambda: self._modulation(batch.shift_A, ctf, dtype))
 
     def _modulation(self, shift_A: Tensor, ctf, dtype) -> Tensor:
-        freq_invA = self.grid.freq_invA().to(device=shift_A.device)
+        freq_px = self.grid.freq_px.to(device=shift_A.device)
         columns = () if ctf is None else ctf.to(dtype=torch.float64).columns()
-        factor = _modulation_fast(freq_invA, shift_A.to(torch.float64), *columns)
-        return torch.view_as_complex(factor.to(dtype).contiguous())
+        factor = _modulation(freq_px, self.grid.freq_step_invA, shift_A.to(torch.float64), *columns)
+        return factor.to(torch.promote_types(dtype, torch.complex64))
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)

@@ -13,7 +13,7 @@ uninterrupted run does, and so does a run on any number of processes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -152,31 +152,41 @@ def run_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch: Callable[[]
     mean over the epoch, no extra pass); for CG it is f at the new map, from CG's own vectors.
     """
     start = time.perf_counter()
+    steps = list(epoch_steps(half, state, epoch, on_batch, rows))
+    return steps[-1][0], epoch_metrics(half, state, steps, time.perf_counter() - start)
+
+
+def epoch_steps(half: HalfSet, state: HalfState, epoch: int, on_batch: Callable[[], None] = lambda: None,
+                rows: Rows = _known_poses) -> Iterator[tuple[HalfState, dict]]:
+    """The state after each step of an epoch (one for ``cg``/``pcg``) and the step's loss
+    (sum over its images), image count and step size: a caller may stop between steps."""
     if half.settings.full_batch:
-        x, optimizer, loss, steps = _cg_epoch(half, state, epoch, on_batch)
-    else:
-        x, optimizer, loss, steps = _sgd_epoch(half, state, epoch, on_batch, rows)
-    change = (x - state.x).norm() / x.norm().clamp(min=1e-30)
-    metrics = {"epoch": epoch, "half": half.half, "loss": loss, "step_size": float(np.median(steps)),
-               "map_change": float(change), "seconds": time.perf_counter() - start}
-    return replace(state, epoch=epoch, x=x, optimizer=optimizer), metrics
-
-
-def _sgd_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch, rows: Rows):
+        x, optimizer, loss, step_size = _cg_epoch(half, state, epoch, on_batch)
+        yield replace(state, epoch=epoch, x=x, optimizer=optimizer), {"loss": loss, "images": 1.0,
+                                                                      "step_size": step_size}
+        return
     objective = objective_of(half, state)
     optimizer = sgd_optimizer(half.settings, half.grid.work_box_px, exact_diagonal_of(half, state))
     seed = int(np.random.default_rng([half.settings.seed, half.half, epoch, 1]).integers(2**62))
     generator = torch.Generator(device=state.x.device).manual_seed(seed)
-    x, opt_state, losses, steps = state.x, state.optimizer, [], []
+    x, opt_state = state.x, state.optimizer
     for i, batch in enumerate(half.parts(epoch)):
         z = optimizer.probe(opt_state, generator)
         step, loss, images = minibatch_step(objective, rows(batch, x), x, z, i == 0, optimizer.wants_diagonal)
         update, opt_state, info = optimizer.update(step.gradient, opt_state, step)
         x = x + update
-        losses.append((loss * images, images))
-        steps.append(info["step_size"])
         on_batch()
-    return x, opt_state, sum(l for l, _ in losses) / sum(n for _, n in losses), steps
+        yield replace(state, epoch=epoch, x=x, optimizer=opt_state), {"loss": loss * images, "images": images,
+                                                                      "step_size": info["step_size"]}
+
+
+def epoch_metrics(half: HalfSet, before: HalfState, steps: list[tuple[HalfState, dict]], seconds: float) -> dict:
+    """An epoch's metrics row from its steps (all of them, or those run before a stop)."""
+    after, infos = steps[-1][0], [info for _, info in steps]
+    change = (after.x - before.x).norm() / after.x.norm().clamp(min=1e-30)
+    return {"epoch": after.epoch, "half": half.half, "loss": sum(i["loss"] for i in infos) / sum(i["images"] for i in infos),
+            "step_size": float(np.median([i["step_size"] for i in infos])), "steps": len(infos),
+            "map_change": float(change), "seconds": seconds}
 
 
 def minibatch_step(objective: LeastSquares, batch, x: Tensor, z: Tensor | None, new_epoch: bool,
@@ -210,7 +220,7 @@ def _cg_epoch(half: HalfSet, state: HalfState, epoch: int, on_batch):
         state.x, state.optimizer, full_hvp)
     on_batch()
     loss = float(state.terms.c) - 0.5 * inner(x, state.terms.b + opt_state.r)  # f = c − ½⟨x, b + r⟩
-    return x, opt_state, loss, [info["step_size"]]
+    return x, opt_state, loss, info["step_size"]
 
 
 def joint_map(halves: list[HalfSet], states: list[HalfState]) -> Tensor:

@@ -36,8 +36,8 @@ from cryosgd.optim.linesearch import ArmijoState
 from cryosgd.optim.precondition import HutchinsonState, RunningDiagonalState
 from cryosgd.recon.gold_standard import half_map_fsc, map_of, split_halves, ssnr_between
 from cryosgd.recon.halves import HalfSet
-from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, joint_map, one_pass_map,
-                                     residual_powers, run_epoch, with_prior)
+from cryosgd.recon.known_pose import (HalfState, data_terms, epoch_metrics, epoch_steps, initial_state, joint_map,
+                                     one_pass_map, residual_powers, with_prior)
 from cryosgd.recon.settings import ReconstructionSettings
 
 OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "metrics.jsonl", "checkpoint.pt", "noise.csv")
@@ -148,22 +148,38 @@ def _initial_states(halves: list[HalfSet], sigma2, progress) -> list[HalfState]:
 
 
 def _next_epoch(halves: list[HalfSet], states: list[HalfState], metrics: list[dict], progress):
-    """One epoch of both halves; with automatic epochs, stop (keeping ``states``) once the
-    half-map FSC no longer rises. Returns (states, metrics, finished)."""
+    """One epoch of both halves, step by step in lockstep. With automatic epochs the half-map
+    FSC is measured after every pair of steps, and the run stops (keeping the best maps so far)
+    at the first step that lowers it, or after an epoch that raised it by less than ``_RISE``.
+    Returns (states, metrics, finished)."""
     settings, epoch = halves[0].settings, states[0].epoch + 1
     current = states
     if settings.prior == "wiener" and epoch > 1:  # τ² from the maps so far, as a resumed run sees it
         ssnr = ssnr_between(states[0].x, states[1].x)
         current = [with_prior(h, s, ssnr) for h, s in zip(halves, states)]
-    stepped = [run_epoch(h, s, epoch, progress.advance) for h, s in zip(halves, current)]
-    new_states = [s for s, _ in stepped]
-    rows = _metrics_rows(halves, new_states, [m for _, m in stepped])
-    before = _half_map_fsc(halves, states).mean()
+    start, automatic = time.perf_counter(), settings.epochs is None
+    before = best_fsc = _half_map_fsc(halves, states).mean()
+    best, best_step, steps = states, 0, []
+    for pair in zip(*(epoch_steps(h, s, epoch, progress.advance) for h, s in zip(halves, current))):
+        steps.append(pair)
+        if automatic:
+            fsc_mean = _half_map_fsc(halves, [s for s, _ in pair]).mean()
+            if fsc_mean <= best_fsc:
+                break
+            best, best_step, best_fsc = [s for s, _ in pair], len(steps), fsc_mean
+    seconds = (time.perf_counter() - start) / len(halves)
+    reached = [s for s, _ in steps[-1]]
+    rows = _metrics_rows(halves, reached, [epoch_metrics(h, s, [pair[i] for pair in steps], seconds)
+                                           for i, (h, s) in enumerate(zip(halves, current))])
     progress.line(_epoch_line(rows, before))
-    if settings.epochs is None and rows[0]["fsc_mean"] <= before + _RISE:
-        progress.line(f"stopping: the half-map FSC no longer rises; keeping the maps of epoch {epoch - 1}")
-        return states, metrics + rows, True
-    return new_states, metrics + rows, False
+    if not automatic:
+        return reached, metrics + rows, False
+    if best_step < len(steps) or best_fsc <= before + _RISE:
+        kept = f"epoch {epoch}, step {best_step}" if best_step else (
+            "the first pass" if epoch == 1 else f"epoch {epoch - 1}")
+        progress.line(f"stopping: the half-map FSC no longer rises; keeping the maps of {kept}")
+        return best, metrics + rows, True
+    return reached, metrics + rows, False
 
 
 def _half_map_fsc(halves: list[HalfSet], states: list[HalfState]) -> FSCCurve:
