@@ -32,9 +32,14 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refined(dataset, tmp_path_factory):
+    """Refinement of the particles with their poses and origins removed from the STAR file."""
     star, truth = dataset
+    table = read_particles(star)
+    table.angles_deg, table.shift_A = None, np.zeros_like(table.shift_A)
+    write_particles(star.parent / "no_poses.star", table)
     out = tmp_path_factory.mktemp("out") / "r"
-    code, text = run_cli("refine", star, "--ref", truth, "-o", out, "--max-iter", 6, "--batch-size", 400)
+    code, text = run_cli("refine", star.parent / "no_poses.star", "--ref", truth, "-o", out, "--max-iter", 6,
+                         "--batch-size", 400)
     assert code == 0, text
     return out
 
@@ -78,7 +83,7 @@ def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_pa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(refine._Run, "save", killed_after_two)
-    args = ("refine", star, "--ref", truth, "-o", tmp_path / "r", "--max-iter", 6, "--batch-size", 400)
+    args = ("refine", star.parent / "no_poses.star", "--ref", truth, "-o", tmp_path / "r", "--max-iter", 6, "--batch-size", 400)
     code, text = run_cli(*args)
     assert code == 130 and "--resume" in text.splitlines()[-1], text
     monkeypatch.setattr(refine._Run, "save", real_save)

@@ -65,3 +65,14 @@ def test_local_search_refines_poses_well_below_its_first_step(noise, levels, med
         assert 0.6 < ratio < 1.6, ratio
     before = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=0)[0].log_likelihood
     assert (refined.log_likelihood > before).all()
+
+
+def test_global_search_with_origins_per_image_agrees_with_shared_origins():
+    volume_ft, images, truth, shifts = _images(12, noise=0.3, band=8)
+    grid = uniform_rotations(1).matrices
+    shared = shift_grid(3.0, 1.5)
+    per_image = shared.expand(12, -1, -1).clone()
+    a = global_search(volume_ft, images, grid, shared, top_k=3, chunk=5)
+    b = global_search(volume_ft, images, grid, per_image, top_k=3, chunk=5)
+    for x, y in zip((a.rotations, a.shift_A, a.log_likelihood), (b.rotations, b.shift_A, b.log_likelihood)):
+        torch.testing.assert_close(x, y)

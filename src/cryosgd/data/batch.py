@@ -120,9 +120,11 @@ class Batch:
 def make_batch(table: ParticleTable, index: np.ndarray, store=None, dtype: torch.dtype = torch.float32,
                device=None) -> Batch:
     """Gather poses, shifts, CTF and, when a :class:`~cryosgd.data.store.ParticleStore` is given,
-    its FFT'd, Fourier-cropped images of the particles ``index``."""
+    its FFT'd, Fourier-cropped images of the particles ``index``. A table without poses gives
+    identity rotations (placeholders for a pose search; known-pose commands require poses)."""
     index = np.asarray(index)
-    rotations = euler_to_matrix(torch.as_tensor(table.require_poses()[index], dtype=torch.float64))
+    angles = np.zeros((len(table), 3)) if table.angles_deg is None else table.angles_deg
+    rotations = euler_to_matrix(torch.as_tensor(angles[index], dtype=torch.float64))
     ctf = CTFParams.from_table(table, index, dtype=dtype, device=device) if table.has_ctf else None
     images_ft = None if store is None else store.images(index).to(device)
     return Batch(index, rotations.to(device=device, dtype=dtype),

@@ -96,15 +96,19 @@ class Candidates:
 
 def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts_A: Tensor, *, top_k: int,
                   scale_profiled: bool = False, interp: Interp = "trilinear", chunk: int = 256) -> Candidates:
-    """The ``top_k`` best of ``rotations (J, 3, 3)`` × ``shifts_A (T, 2)`` for every image, in
-    chunks of ``chunk`` images. ``scale_profiled`` scores with the image scale maximised out
-    (a reference of unknown greyscale)."""
+    """The ``top_k`` best of ``rotations (J, 3, 3)`` × origins for every image, in chunks of
+    ``chunk`` images. ``shifts_A`` is ``(T, 2)``, shared, or ``(B, T, 2)`` per image.
+    ``scale_profiled`` scores with the image scale maximised out (a reference of unknown greyscale)."""
     parts = []
     for start in range(0, len(images), chunk):
-        part = images.rows(slice(start, start + chunk))
-        top = score_poses(volume_ft, rotations, shifts_A, part.images_ft, part.ctf, part.weight, part.freq_px,
+        rows = slice(start, start + chunk)
+        part = images.rows(rows)
+        shifts = shifts_A[rows] if shifts_A.dim() == 3 else shifts_A
+        top = score_poses(volume_ft, rotations, shifts, part.images_ft, part.ctf, part.weight, part.freq_px,
                           part.freq_invA, interp=interp, top_k=top_k, scale_profiled=scale_profiled)
-        parts.append(Candidates(rotations[top.rotation_index], shifts_A[top.shift_index], top.log_likelihood))
+        chosen = shifts[top.shift_index] if shifts.dim() == 2 else torch.take_along_dim(
+            shifts, top.shift_index[..., None], 1)
+        parts.append(Candidates(rotations[top.rotation_index], chosen, top.log_likelihood))
     return Candidates(*(torch.cat(fields) for fields in zip(*((p.rotations, p.shift_A, p.log_likelihood)
                                                                for p in parts))))
 

@@ -5,7 +5,9 @@ Iteration n, for each half-set independently (docs/refinement.md):
 1. **Search** every particle against the half's masked map on a band of frequencies: at the
    first iteration a global search (RELION's HEALPix grid in the asymmetric unit × a shift grid,
    with scale-profiled scores since the reference's greyscale is unknown) keeping ``top_k``
-   poses; then, at every iteration, local refinement of the kept poses
+   poses; at the second, a global search again against the first map (origins within a pixel
+   of the last, the band capped at 16 Fourier pixels), which catches the particles the
+   low-resolution reference misassigned; then, at every iteration, local refinement of the kept poses
    (:func:`cryosgd.pose.search.local_search`, two levels from a step set by the particles'
    angular accuracy). Posterior weights over a particle's poses (a softmax of the
    log-likelihoods tempered by τ = 3, 2, then 1) make (image, pose) rows, one per symmetry mate.
@@ -19,8 +21,8 @@ Iteration n, for each half-set independently (docs/refinement.md):
    band (the FSC-0.143 shell plus ``band_margin_px``); σ² per optics group and image shell is
    re-estimated from the residuals of the search.
 
-It stops when the band has reached Nyquist, or the resolution has not improved for two
-iterations, or at ``max_iter``: the last iteration searches at Nyquist and updates by ``em``.
+It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002,
+or at ``max_iter``: one last iteration then searches at Nyquist and updates by ``em``.
 A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
 """
 
@@ -55,7 +57,7 @@ from cryosgd.optim.linesearch import ArmijoState
 from cryosgd.optim.precondition import HutchinsonState, RunningDiagonalState
 from cryosgd.pose.scores import band_mask, posterior_weights
 from cryosgd.pose.search import BandImages, Candidates, PoseTable, global_search, local_search, weighted_rows
-from cryosgd.pose.shifts import shift_grid
+from cryosgd.pose.shifts import local_shift_grid, shift_grid
 from cryosgd.pose.so3 import angular_step_deg, geodesic_distance_deg
 from cryosgd.pose.symmetry import symmetry_grid, symmetry_group
 from cryosgd.recon.gold_standard import half_map_fsc, map_of, split_halves, ssnr_between
@@ -69,6 +71,9 @@ OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc_iterations.csv",
            "checkpoint.pt")
 _TEMPERATURES = (3.0, 2.0)  # iterations 1 and 2; 1 from then on
 _LEVELS = 2  # local-search levels per iteration
+_GLOBAL_ITERATIONS = 2  # global searches: from the reference, then from the first map
+_GLOBAL_BAND_PX = 16.0  # the second global search's band, at most (its cost grows with the band's area)
+_STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,8 @@ class RefineState:
     sigma2: Tensor  # (G, shells): the noise spectrum the next search weighs by
     band_px: float  # the next search's band
     step_deg: float  # the next local search's first step
-    best_resolution_A: float
-    stalled: int  # iterations in a row without a better resolution
+    fsc_mean: float  # the mean half-map FSC after the iteration
+    stalled: int  # iterations in a row that raised it by less than _STALLED
     done: bool  # the last iteration (at Nyquist) is done
     halves: tuple[HalfState, HalfState] | None = None  # the map update's states (prior; sgd: optimiser)
 
@@ -197,7 +202,7 @@ def _start(halves: list[HalfSet], inputs: RefineInput, settings: RefineSettings)
     band = min(grid.work_box_px / 2 - 1, math.ceil(grid.box_px * grid.pixel_A / settings.ini_res_A) + 1)
     poses = tuple(_table_poses(h) for h in halves) if settings.local else None
     step = 2.0 if settings.local else angular_step_deg(settings.global_order) / 2
-    return RefineState(0, (x, x), poses, _image_power(halves), float(band), step, math.inf, 0, False)
+    return RefineState(0, (x, x), poses, _image_power(halves), float(band), step, 0.0, 0, False)
 
 
 def _image_power(halves: list[HalfSet]) -> Tensor:
@@ -254,7 +259,7 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
     band = grid.work_box_px / 2 - 1 if last else state.band_px
     device, dtype = halves[0].device, halves[0].dtype
     search_grid = symmetry_grid(settings.global_order, inputs.group.to(device, dtype)).matrices \
-        if n == 1 and not settings.local else None
+        if n <= _GLOBAL_ITERATIONS and not settings.local else None
     plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group)
     references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
     if settings.update == "sgd" and 1 < n and not last:
@@ -277,15 +282,15 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
            "accuracy_deg": accuracy, "best_probability": float(torch.cat([p.weight[:, 0] for p in poses]).median()),
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
            "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
-    better = resolution < state.best_resolution_A - 1e-6
+    stalled = 0 if curve.mean() > state.fsc_mean + _STALLED else state.stalled + 1
     return RefineState(n, tuple(maps), tuple(poses), sigma2, _next_band(curve, grid, settings, state.band_px),
-                       min(max(accuracy, 0.1), plan.step_deg), min(resolution, state.best_resolution_A),
-                       0 if better else state.stalled + 1, last, tuple(states)), row
+                       min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, last, tuple(states)), row
 
 
 def _converged(state: RefineState, grid: FourierGrid) -> bool:
-    """The band has reached Nyquist, or two iterations in a row brought no better resolution."""
-    return state.iteration >= 3 and (state.band_px >= grid.work_box_px / 2 - 1 or state.stalled >= 2)
+    """From iteration 3: the last iteration raised the mean half-map FSC by less than
+    ``_STALLED`` (the poses, and with them the maps, no longer improve)."""
+    return state.iteration >= 3 and state.stalled >= 1
 
 
 def _next_band(curve: FSCCurve, grid: FourierGrid, settings: RefineSettings, band: float) -> float:
@@ -336,13 +341,18 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     (image, pose) rows with posterior weights."""
     settings, pixel = plan.settings, half.grid.work_pixel_A
     images = BandImages.of(batch, half.grid, plan.band_px, plan.sigma2)
-    if plan.grid is not None:
+    rows_index = torch.as_tensor(batch.index, device=half.device)
+    if plan.grid is not None and previous is None:  # the first search: the reference's greyscale is unknown
         radius_A = settings.max_shift_A or 5 * half.grid.pixel_A
         shifts = shift_grid(radius_A, pixel, dtype=half.dtype, device=half.device)
         start = global_search(reference, images, plan.grid, shifts, top_k=settings.top_k, scale_profiled=True,
                               interp=settings.interp)
+    elif plan.grid is not None:  # once more with the first map, origins near the last ones, on a capped band
+        shifts = local_shift_grid(previous.shift_A[rows_index, 0], pixel)
+        band = BandImages.of(batch, half.grid, min(plan.band_px, _GLOBAL_BAND_PX), plan.sigma2)
+        start = global_search(reference, band, plan.grid, shifts, top_k=settings.local_k, interp=settings.interp)
     else:
-        start = previous.candidates(torch.as_tensor(batch.index, device=half.device), settings.local_k)
+        start = previous.candidates(rows_index, settings.local_k)
     step_A = pixel * plan.step_deg / angular_step_deg(settings.global_order)
     candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
                                      levels=_LEVELS, interp=settings.interp)
