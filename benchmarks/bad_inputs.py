@@ -318,6 +318,16 @@ class Star:
         Path(path).write_text("\n".join(lines + [" ".join(r) for r in rows] + ["", ""]))
 
 
+def put_map(rel: str, voxel_A: float, nan: bool = False):
+    """A setup: a 16³ phantom at ``rel`` with this voxel size (and one NaN voxel)."""
+    def setup(folder: Path) -> None:
+        data = blob_phantom(16)
+        if nan:
+            data[8, 8, 8] = np.nan
+        mrc(folder / rel, data, voxel_A)
+    return setup
+
+
 def star_edit(edit: Callable[[Star], None], name: str = "edited.star", version: bool = True):
     """A setup: copy sim/ and write sim/NAME, sim/particles.star edited by ``edit``."""
     def setup(folder: Path) -> None:
@@ -1227,6 +1237,64 @@ def cases() -> list[Case]:
     add(H, "missing value: --epochs at the end", [*recon, "-o", "out", "--epochs"], SIM, names=("--epochs",))
     add(H, "fsc with one map", ["fsc", "truth.mrc"], SIM, names=("B.mrc",))
     add(H, "--version (not an option)", ["--version"], None)
+
+    # ---- the pose-search commands and map tools ---------------------------------------------
+    P = "refine, abinitio, auto, postprocess, flip"
+    ref = ("refine", "sim/particles.star", "-o", "out", "--max-iter", "1")
+    ref5 = put_map("ref5.mrc", 5.0)
+    nan_map = put_map("nan.mrc", 3.0, nan=True)
+    M32 = put("truth.mrc", "sim", "map32.mrc")
+
+    def no_poses(star: Star) -> None:
+        for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+            star.drop("particles", column)
+    add(P, "refine --ref a missing file", [*ref, "--ref", "nope.mrc"], SIM, names=("nope.mrc",))
+    add(P, "refine --ref a 32³ map for 16 px particles: resampled", [*ref, "--ref", "map32.mrc"], M32,
+        expect=(0,), may_change=("out",), check=exists("out/map.mrc"))
+    add(P, "refine --ref a map of 5 Å pixels for 3 Å particles: resampled", [*ref, "--ref", "ref5.mrc"],
+        chain(SIM, ref5), expect=(0,), may_change=("out",), check=exists("out/map.mrc"))
+    add(P, "refine --ref a map with NaN", [*ref, "--ref", "nan.mrc"], chain(SIM, nan_map), names=("nan.mrc",))
+    add(P, "refine --mask a 32³ map", [*ref, "--ref", "truth.mrc", "--mask", "map32.mrc"], M32,
+        names=("map32.mrc",))
+    add(P, "refine --sym X9", [*ref, "--ref", "truth.mrc", "--sym", "X9"], SIM, names=("--sym", "X9"))
+    add(P, "refine --local on a STAR without angles", ["refine", "sim/edited.star", "-o", "out", "--ref", "truth.mrc",
+                                                      "--local"], chain(put("truth.mrc"), star_edit(no_poses)),
+        names=("edited.star",))
+    add(P, "refine --particle-diameter larger than the box", [*ref, "--ref", "truth.mrc", "--particle-diameter", "500"],
+        SIM, names=("--particle-diameter",))
+    add(P, "refine -o out: out holds a foreign map.mrc", [*ref, "--ref", "truth.mrc"],
+        chain(SIM, write_file("out/map.mrc")), names=("map.mrc",))
+    add(P, "refine --resume on another dataset's checkpoint",
+        ["refine", "simB/particles.star", "-o", "out", "--ref", "truth.mrc", "--max-iter", "1", "--resume"],
+        chain(SIM, put("simB"), cli(*ref, "--ref", "truth.mrc")), names=("--resume",))
+    add(P, "abinitio --start-res finer than --end-res", ["abinitio", "sim/particles.star", "-o", "out",
+                                                        "--start-res", "10", "--end-res", "20"], SIM,
+        names=("--start-res",))
+    add(P, "abinitio --particle-diameter larger than the box", ["abinitio", "sim/particles.star", "-o", "out",
+                                                               "--particle-diameter", "500"], SIM,
+        names=("--particle-diameter",))
+    add(P, "abinitio -o out: out holds a foreign initial.mrc", ["abinitio", "sim/particles.star", "-o", "out"],
+        chain(SIM, write_file("out/initial.mrc")), names=("initial.mrc",))
+    add(P, "auto --sym X9", ["auto", "sim/particles.star", "-o", "out", "--sym", "X9"], SIM, names=("--sym", "X9"))
+    add(P, "auto -o out: out holds a foreign map_sharpened.mrc", ["auto", "sim/particles.star", "-o", "out"],
+        chain(SIM, write_file("out/map_sharpened.mrc")), names=("map_sharpened.mrc",))
+    add(P, "postprocess: half maps of 16 and 32 px", ["postprocess", "truth.mrc", "map32.mrc", "-o", "out"], M32,
+        names=("map32.mrc",))
+    add(P, "postprocess: half maps of 3 and 5 Å pixels", ["postprocess", "truth.mrc", "ref5.mrc", "-o", "out"],
+        chain(SIM, ref5), names=("ref5.mrc",))
+    add(P, "postprocess: a half map with NaN", ["postprocess", "truth.mrc", "nan.mrc", "-o", "out"],
+        chain(SIM, nan_map), names=("nan.mrc",))
+    add(P, "postprocess --mask a 32³ map", ["postprocess", "truth.mrc", "sim/ground_truth.mrc", "-o", "out",
+                                            "--mask", "map32.mrc"], M32, names=("map32.mrc",))
+    add(P, "postprocess -o out: out holds a foreign map_sharpened.mrc",
+        ["postprocess", "truth.mrc", "sim/ground_truth.mrc", "-o", "out"],
+        chain(SIM, write_file("out/map_sharpened.mrc")), names=("map_sharpened.mrc",))
+    add(P, "flip -o the input map", ["flip", "truth.mrc", "-o", "truth.mrc"], SIM, names=("truth.mrc",))
+    add(P, "flip a missing map", ["flip", "nope.mrc", "-o", "f.mrc"], SIM, names=("nope.mrc",))
+    add(P, "flip -o a foreign file without --force", ["flip", "truth.mrc", "-o", "f.mrc"],
+        chain(SIM, write_file("f.mrc")), names=("f.mrc",))
+    add(P, "flip: accepted", ["flip", "truth.mrc", "-o", "f.mrc"], SIM, expect=(0,), may_change=("f.mrc",),
+        check=exists("f.mrc"))
 
     # ---- umask -------------------------------------------------------------------------------
     U = "umask"

@@ -112,6 +112,7 @@ def test_relion_reconstructs_the_written_poses_into_the_same_map(dataset, refine
     ("no_ctf", "no CTF columns"),
     ("one_half", "rlnRandomSubset: half-set 2 is empty"),
     ("bad_sym", "--sym X7: expected C1, Cn, Dn, T, O or I"),
+    ("wide_mask", "--particle-diameter 500: wider than the particles' box"),
 ])
 def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, expected):
     star, truth = dataset
@@ -137,6 +138,8 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
             table.random_subset[:] = 1
         write_particles(tmp_path / "edited.star", table)
         args[1] = tmp_path / "edited.star"
+    elif problem == "wide_mask":
+        args += ["--particle-diameter", 500]
     else:
         args += ["--sym", "X7"]
     code, out = run_cli(*args)

@@ -17,6 +17,7 @@ import torch
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.io.mrc import write_map
+from cryosgd.io.outputs import LOCK_FILE
 from cryosgd.sim.phantom import blob_phantom
 from cryosgd.sim.simulate import SimulationSettings, simulate
 
@@ -224,10 +225,16 @@ def finished_run(dataset, tmp_path_factory):
     return out
 
 
+def _folder_state(out):
+    """Each file's bytes and modification time (but the lock's, which names its last holder)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.name != LOCK_FILE}
+
+
 def _resume(star, out, *extra):
-    before = (out / "checkpoint.pt").read_bytes()
+    """A refused resume leaves the folder as it was (checkpoint, run.json and all)."""
+    before = _folder_state(out)
     code, text = run_cli("reconstruct", star, "-o", out, "--epochs", 2, "--batch-size", 20, "--resume", *extra)
-    assert (out / "checkpoint.pt").read_bytes() == before
+    assert _folder_state(out) == before
     return code, text
 
 

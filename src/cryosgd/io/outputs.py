@@ -148,8 +148,10 @@ class OutputFolder:
         if run_json is None:
             (self.path / RUN_FILE).unlink(missing_ok=True)
         else:
+            content, times_ns = run_json
             with atomic_path(self.path / RUN_FILE) as tmp:
-                tmp.write_bytes(run_json)
+                tmp.write_bytes(content)
+            os.utime(self.path / RUN_FILE, ns=times_ns)
         if not self._before.get(LOCK_FILE):
             (self.path / LOCK_FILE).unlink(missing_ok=True)
         self.close()
@@ -178,8 +180,10 @@ def _stamp(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _content(path: Path) -> bytes | None:
+def _content(path: Path) -> tuple[bytes, tuple[int, int]] | None:
+    """A file's bytes and its (access, modification) times in ns, or None when there is none."""
     try:
-        return path.read_bytes()
+        stat = path.stat()
+        return path.read_bytes(), (stat.st_atime_ns, stat.st_mtime_ns)
     except OSError:
         return None

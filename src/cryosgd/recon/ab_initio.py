@@ -66,7 +66,7 @@ from cryosgd.pose.so3 import uniform_rotations
 from cryosgd.recon.gold_standard import map_of
 from cryosgd.recon.known_pose import minibatch_step
 from cryosgd.recon.reconstruct import Silent
-from cryosgd.recon.settings import AbInitioSettings
+from cryosgd.recon.settings import AbInitioSettings, mask_radius_px
 
 OUTPUTS = ("initial.mrc", "particles.star", "metrics.jsonl", "checkpoint.pt")
 HAND = ("the hand of the map cannot be determined from projections; check it against a known feature "
@@ -158,10 +158,11 @@ def ab_initio(inputs: AbInitioInput, out_dir: str | Path, settings: AbInitioSett
     """An initial map and poses from ``inputs``' particles into ``out_dir``."""
     device = torch.device("cpu") if device is None else torch.device(device)
     grid = inputs.grid
+    mask = soft_sphere(grid.work_box_px, mask_radius_px(settings.particle_diameter_A, grid), edge_px=2.0,
+                       device=device).to(dtype)
     store_dtype = torch.bfloat16 if settings.store_dtype == "bfloat16" else torch.complex64
     store = ParticleStore(inputs.stack, grid, settings.store, store_dtype, device, dtype)
     schedule = _Schedule(settings, grid, len(inputs.table))
-    mask = soft_sphere(grid.work_box_px, _radius_px(settings, grid), edge_px=2.0, device=device).to(dtype)
     out_dir = Path(out_dir)
     state, metrics = _load(out_dir, inputs.identity(settings), device) if resume else (None, [])
     if state is None:
@@ -184,17 +185,12 @@ def ab_initio(inputs: AbInitioInput, out_dir: str | Path, settings: AbInitioSett
     return AbInitioResult(out_dir, metrics)
 
 
-def _radius_px(settings: AbInitioSettings, grid: FourierGrid) -> float:
-    diameter_A = settings.particle_diameter_A or 0.8 * grid.box_px * grid.pixel_A
-    return min(diameter_A / (2 * grid.work_pixel_A), grid.work_box_px / 2 - 2)
-
-
 def _start(inputs: AbInitioInput, settings: AbInitioSettings, store: ParticleStore, mask: Tensor, device,
            dtype) -> AbInitioState:
     """Random blobs inside the sphere, low-passed to the start resolution; σ² from the images."""
     grid, n = inputs.grid, inputs.grid.work_box_px
     generator = torch.Generator().manual_seed(settings.seed)
-    radius = _radius_px(settings, grid)
+    radius = mask_radius_px(settings.particle_diameter_A, grid)
     axis = torch.arange(n, dtype=torch.float64) - n // 2
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
     volume = torch.zeros(n, n, n, dtype=torch.float64)

@@ -65,7 +65,7 @@ from cryosgd.recon.halves import HalfSet
 from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, joint_map, one_pass_map, run_epoch,
                                      with_prior)
 from cryosgd.recon.reconstruct import Silent
-from cryosgd.recon.settings import ReconstructionSettings, RefineSettings
+from cryosgd.recon.settings import ReconstructionSettings, RefineSettings, mask_radius_px
 
 OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc_iterations.csv", "metrics.jsonl", "particles.star",
            "checkpoint.pt")
@@ -146,8 +146,7 @@ def _mask(path: str | Path | None, settings: RefineSettings, grid: FourierGrid) 
     """The user's mask at the working box, or a soft sphere of the particle diameter."""
     n, pixel = grid.work_box_px, grid.work_pixel_A
     if path is None:
-        diameter_A = settings.particle_diameter_A or 0.8 * grid.box_px * grid.pixel_A
-        return soft_sphere(n, min(diameter_A / (2 * pixel), n / 2 - 2), edge_px=max(2.0, n / 32))
+        return soft_sphere(n, mask_radius_px(settings.particle_diameter_A, grid), edge_px=max(2.0, n / 32))
     volume, _ = read_map(path, need_voxel_size=False)
     if volume.shape[0] not in (grid.box_px, n):
         raise InputError(path, f"a mask of box {volume.shape[0]}: expected the particles' box {grid.box_px}")

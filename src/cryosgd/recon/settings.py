@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cryosgd.errors import InputError
+from cryosgd.fourier.grids import FourierGrid
 
 METHODS = ("algorithm1", "sgd", "exact-diag", "running-diag", "cg", "pcg")
 FULL_BATCH = ("cg", "pcg")
@@ -172,3 +173,15 @@ class AbInitioSettings:
 
     def identity(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def mask_radius_px(diameter_A: float | None, grid: FourierGrid) -> float:
+    """The radius, in working pixels, of the soft sphere of ``--particle-diameter`` (default
+    0.8 × the box), kept 2 pixels inside the box for its edge. A diameter wider than the box
+    is refused: such a mask would mask nothing."""
+    box_A = grid.box_px * grid.pixel_A
+    if diameter_A is not None and diameter_A > box_A:
+        raise InputError(None, f"--particle-diameter {diameter_A:g}: wider than the particles' box "
+                               f"({grid.box_px} px × {grid.pixel_A:g} Å = {box_A:g} Å)")
+    diameter_A = diameter_A or 0.8 * box_A
+    return min(diameter_A / (2 * grid.work_pixel_A), grid.work_box_px / 2 - 2)
