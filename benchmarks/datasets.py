@@ -11,6 +11,7 @@ whole box / noise variance).
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import time
@@ -86,12 +87,11 @@ def atomic_model(kind: str, folder: Path) -> Path:
         for chain in base:
             new = gemmi.Chain(chr(ord("A") + copy))
             for residue in chain:
-                moved = gemmi.Residue(residue)
-                for atom in moved:
+                new.add_residue(residue)
+            for residue in new:
+                for atom in residue:
                     p = np.array([atom.pos.x - centre.x, atom.pos.y - centre.y, atom.pos.z - centre.z])
-                    q = rotation @ p + offset
-                    atom.pos = gemmi.Position(*q)
-                new.add_residue(moved)
+                    atom.pos = gemmi.Position(*(rotation @ p + offset))
             assembly.add_chain(new)
     out = gemmi.Structure()
     out.add_model(assembly)
@@ -107,6 +107,18 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
                      [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
                      [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def dataset_parser(doc: str, pixel_A: float = 3.0, model: str = "ubq12") -> argparse.ArgumentParser:
+    """The command line shared by the benchmarks that run on a ``make_dataset`` dataset."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=10000)
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--pixel", type=float, default=pixel_A, help="pixel size (Å)")
+    parser.add_argument("--snr", type=float, default=0.05)
+    parser.add_argument("--model", default=model, choices=("1ubq", "ubq12"))
+    parser.add_argument("--workdir", type=Path, default=None, help="dataset folder, reused when it holds one")
+    return parser
 
 
 def make_dataset(root: Path, n: int, box: int, pixel_A: float, snr: float, seed: int = 0,

@@ -17,7 +17,6 @@ converged map (60 PCG iterations) in the outer shells.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from cryosgd.fourier.fsc import fsc
 from cryosgd.io.mrc import read_map
 
 sys.path.insert(0, str(Path(__file__).parent))
-from datasets import make_dataset, run_measured  # noqa: E402
+from datasets import dataset_parser, make_dataset, run_measured  # noqa: E402
 
 
 def fsc_row(path: Path, truth: np.ndarray, pixel_A: float) -> tuple[float, np.ndarray]:
@@ -81,20 +80,15 @@ def _command(run: str, star: Path, seed: int) -> tuple[str, list[str], str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--particles", type=int, default=10000)
-    parser.add_argument("--box", type=int, default=64)
-    parser.add_argument("--pixel", type=float, default=1.5)
-    parser.add_argument("--snr", type=float, default=0.05)
+    parser = dataset_parser(__doc__, pixel_A=1.5, model="1ubq")
     parser.add_argument("--runs", nargs="+", default=["default"], help="default or METHOD[:EPOCHS]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--convergence", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="known_pose_bench_"))
     start = time.perf_counter()
-    star = make_dataset(root, args.particles, args.box, args.pixel, args.snr, args.seed)
+    star = make_dataset(root, args.particles, args.box, args.pixel, args.snr, args.seed, args.model)
     print(f"dataset: {args.particles} particles, box {args.box}, {args.pixel} Å, SNR {args.snr} "
           f"(relion_project, {time.perf_counter() - start:.0f} s) in {root}")
     truth, _ = read_map(root / "truth.mrc")

@@ -1,0 +1,156 @@
+"""Refinement with unknown poses: cryosgd refine (em and sgd updates) against RELION 3.1 auto-refine.
+
+    python benchmarks/refine_vs_relion.py [--particles 10000] [--box 64] [--pixel 3.0] [--snr 0.05]
+                                          [--model ubq12] [--runs known em sgd relion oracle]
+                                          [--relion-particles 3000] [--relion-minutes 30] [--workdir DIR]
+
+The dataset (benchmarks/datasets.py) is made by relion_project from an atomic model; the poses
+are removed (``particles_noposes.star``: no angles, zero origins) and the reference is the
+truth low-passed to 30 Å. Each program runs as its own process: ``cryosgd refine --ref ref.mrc``
+(``--update em`` and ``sgd``), ``relion_refine_mpi --auto_refine`` (3 ranks on 2 cores, RELION's
+GUI defaults: 7.5° start, local searches from 1.8°, ``--firstiter_cc``, ``--ctf_corrected_ref``)
+on the first ``--relion-particles`` particles with a time cap (its last finished iteration is
+measured), ``cryosgd reconstruct`` with the true poses (the known-pose ceiling) and, with
+``--runs oracle``, ``cryosgd refine --local`` from the true poses against the truth itself at
+full resolution: the pose error the data allow an ideal search. The table
+gives wall time, peak memory (all processes), the half-map resolution (FSC 0.143), the FSC of
+the joint map against the truth (mean over shells n/4 … n/2, and the 0.5 resolution), and the
+median rotation error against the true poses (after the best global rotation, which removes a
+drift of the frame as a whole).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosgd.conventions import euler_to_matrix, map_to_ft, ft_to_map
+from cryosgd.data.particles import read_particles, write_particles
+from cryosgd.fourier.fsc import fsc
+from cryosgd.fourier.maps import low_pass
+from cryosgd.io.mrc import read_map, write_map
+from cryosgd.pose.compare import pose_errors
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datasets import dataset_parser, make_dataset, run_measured  # noqa: E402
+
+
+def prepare(root: Path, star: Path, pixel_A: float, relion_particles: int) -> None:
+    """particles_noposes.star, ref.mrc and, unless ``relion_particles`` is 0, the first
+    ``relion_particles`` of them (relion_subset.star)."""
+    table = read_particles(star)
+    blank = replace(table, angles_deg=None, shift_A=np.zeros_like(table.shift_A))
+    write_particles(root / "particles_noposes.star", blank)
+    if relion_particles:
+        write_particles(root / "relion_subset.star", blank.subset(np.arange(min(relion_particles, len(table)))))
+    truth, _ = read_map(root / "truth.mrc")
+    write_map(root / "ref.mrc", low_pass(torch.as_tensor(truth, dtype=torch.float64), pixel_A, 30.0).numpy(), pixel_A)
+
+
+def relion_command(root: Path, diameter_A: float) -> list[str]:
+    out = root / "relion"
+    out.mkdir(exist_ok=True)
+    return ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "3", "relion_refine_mpi", "--o", "relion/run",
+            "--i", "relion_subset.star", "--ref", "ref.mrc", "--ini_high", "30", "--auto_refine",
+            "--split_random_halves", "--particle_diameter", f"{diameter_A:.0f}", "--ctf", "--ctf_corrected_ref",
+            "--firstiter_cc", "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
+            "--auto_local_healpix_order", "4", "--offset_range", "5", "--offset_step", "2", "--sym", "C1",
+            "--low_resol_join_halves", "40", "--norm", "--scale", "--j", "1", "--pad", "2", "--pool", "3",
+            "--dont_combine_weights_via_disc"]
+
+
+def relion_outputs(root: Path) -> tuple[np.ndarray, np.ndarray, Path, int] | None:
+    """The half maps and data STAR of RELION's last finished iteration."""
+    done = sorted((root / "relion").glob("run_it*_half2_class001.mrc"))
+    if not done:
+        return None
+    it = re.search(r"run_it(\d+)_", done[-1].name).group(1)
+    halves = [read_map(root / "relion" / f"run_it{it}_half{h}_class001.mrc")[0] for h in (1, 2)]
+    return halves[0], halves[1], root / "relion" / f"run_it{it}_data.star", int(it)
+
+
+def measure(name: str, seconds: float, peak: float, halves, data_star: Path | None, truth: np.ndarray,
+            true_star: Path, pixel_A: float, note: str = "") -> str:
+    n = truth.shape[0]
+    half_map = fsc(halves[0], halves[1], pixel_A)
+    joint = fsc(0.5 * (halves[0] + halves[1]), truth, pixel_A)
+    error = ""
+    if data_star is not None:
+        true, found = read_particles(true_star), read_particles(data_star)
+        index = _match(true, found)
+        e = pose_errors(euler_to_matrix(torch.tensor(true.angles_deg[index])),
+                        euler_to_matrix(torch.tensor(found.angles_deg)), hand=False)
+        error = f"{e.median_deg:.2f}"
+    return (f"{name:<26}{seconds:>9.0f}{peak:>9.2f}{half_map.resolution_at(0.143):>12.2f}"
+            f"{np.nanmean(joint.fsc[n // 4:n // 2 + 1]):>14.3f}{joint.resolution_at(0.5):>12.2f}{error:>12}  {note}")
+
+
+def _match(true, found) -> np.ndarray:
+    """Rows of ``true`` for the particles of ``found`` (by image name)."""
+    position = {name: i for i, name in enumerate(true.image_name)}
+    return np.array([position[name] for name in found.image_name])
+
+
+def main() -> None:
+    parser = dataset_parser(__doc__)
+    parser.add_argument("--runs", nargs="+", default=["known", "em", "sgd", "relion"])
+    parser.add_argument("--relion-particles", type=int, default=3000)
+    parser.add_argument("--relion-minutes", type=float, default=30.0)
+    parser.add_argument("--diameter", type=float, default=None, help="particle diameter (Å), default 0.8 box")
+    args = parser.parse_args()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="refine_bench_"))
+    start = time.perf_counter()
+    star = make_dataset(root, args.particles, args.box, args.pixel, args.snr, model=args.model)
+    prepare(root, star, args.pixel, args.relion_particles)
+    print(f"dataset: {args.particles} particles of {args.model}, box {args.box}, {args.pixel} Å, SNR {args.snr} "
+          f"(relion_project, {time.perf_counter() - start:.0f} s) in {root}", flush=True)
+    truth, _ = read_map(root / "truth.mrc")
+    diameter = args.diameter or 0.8 * args.box * args.pixel
+    rows = [f"{'program':<26}{'wall s':>9}{'peak GB':>9}{'half-map Å':>12}{'FSC n/4..n/2':>14}"
+            f"{'truth 0.5 Å':>12}{'median err°':>12}"]
+    for run in args.runs:
+        if run == "known":
+            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "reconstruct", star.name, "-o", "known",
+                                             "--force"], root)
+            halves = [read_map(root / "known" / f"half{h}.mrc")[0] for h in (1, 2)]
+            rows.append(measure("cryosgd reconstruct (true)", seconds, peak, halves, None, truth, star, args.pixel))
+        elif run in ("em", "sgd"):
+            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "refine", "particles_noposes.star",
+                                             "--ref", "ref.mrc", "-o", f"refine_{run}", "--update", run, "--force",
+                                             "--particle-diameter", f"{diameter:.0f}"], root)
+            halves = [read_map(root / f"refine_{run}" / f"half{h}.mrc")[0] for h in (1, 2)]
+            rows.append(measure(f"cryosgd refine --update {run}", seconds, peak, halves,
+                                root / f"refine_{run}" / "particles.star", truth, star, args.pixel))
+        elif run == "oracle":
+            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "refine", star.name, "--ref", "truth.mrc",
+                                             "--local", "--ini-res", f"{2 * args.pixel:g}", "-o", "refine_oracle",
+                                             "--force", "--particle-diameter", f"{diameter:.0f}"], root)
+            halves = [read_map(root / "refine_oracle" / f"half{h}.mrc")[0] for h in (1, 2)]
+            rows.append(measure("cryosgd refine (oracle)", seconds, peak, halves,
+                                root / "refine_oracle" / "particles.star", truth, star, args.pixel))
+        elif run == "relion":
+            seconds, peak, finished = run_measured(relion_command(root, diameter), root,
+                                                   timeout_s=60 * args.relion_minutes)
+            result = relion_outputs(root)
+            if result is None:
+                rows.append(f"relion_refine_mpi: no iteration finished in {seconds:.0f} s")
+                continue
+            half1, half2, data_star, iteration = result
+            note = (f"{args.relion_particles} particles; " +
+                    ("converged" if finished else f"stopped at the {args.relion_minutes:.0f}-minute cap") +
+                    f" after iteration {iteration}")
+            rows.append(measure("relion_refine_mpi", seconds, peak, (half1, half2), data_star, truth, star, args.pixel,
+                                note))
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
