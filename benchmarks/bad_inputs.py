@@ -1236,7 +1236,8 @@ def cases() -> list[Case]:
         names=("PARTICLES.star",))
     add(H, "missing value: --epochs at the end", [*recon, "-o", "out", "--epochs"], SIM, names=("--epochs",))
     add(H, "fsc with one map", ["fsc", "truth.mrc"], SIM, names=("B.mrc",))
-    add(H, "--version (not an option)", ["--version"], None)
+    add(H, "--version: prints the version", ["--version"], None, expect=(0,),
+        check=lambda folder, row: None if row.stdout.startswith("cryosgd ") else "no version on stdout")
 
     # ---- the pose-search commands and map tools ---------------------------------------------
     P = "refine, abinitio, auto, postprocess, flip"

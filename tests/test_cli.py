@@ -86,7 +86,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, problem):
     write_particles(tmp_path / "in.star", table)
     args = ["project", tmp_path / "map.mrc", tmp_path / "in.star", "-o", tmp_path / "out.mrcs"]
     expected = {"not_mrc": "map.mrc: not a valid MRC file", "missing_column": "missing column rlnAngleTilt",
-                "pixel_mismatch": "pixel size 3 Å in the file, but", "bad_interp": "argument --interp: invalid choice: 'cubic'"}[problem]
+                "pixel_mismatch": "rlnImagePixelSize 3 Å in the file, but", "bad_interp": "argument --interp: invalid choice: 'cubic'"}[problem]
     if problem == "not_mrc":
         (tmp_path / "map.mrc").write_text("garbage")
     elif problem == "missing_column":

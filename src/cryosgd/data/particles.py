@@ -143,7 +143,7 @@ def read_particles(path: str | Path, pixel_A: float | None = None, pixel_source:
         table = _from_star30(path, loops[0], pixel_A)
     own = sorted({g.pixel_A for g in table.optics})
     if pixel_A is not None and any(abs(p - pixel_A) > 1e-3 * p for p in own):
-        raise InputError(path, f"pixel size {own[0]:g} Å in the file, but {pixel_source} {pixel_A:g}")
+        raise InputError(path, f"rlnImagePixelSize {own[0]:g} Å in the file, but {pixel_source} {pixel_A:g} Å")
     return table
 
 

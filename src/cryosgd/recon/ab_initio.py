@@ -69,7 +69,7 @@ from cryosgd.pose.search import BandImages, PoseTable, global_search, local_sear
 from cryosgd.pose.shifts import shift_grid
 from cryosgd.pose.so3 import uniform_rotations
 from cryosgd.recon.gold_standard import map_of, ssnr_between
-from cryosgd.recon.known_pose import minibatch_step
+from cryosgd.recon.known_pose import minibatch_step, ssnr_per_shell
 from cryosgd.recon.reconstruct import Silent
 from cryosgd.recon.settings import AbInitioSettings, mask_radius_px
 
@@ -314,10 +314,8 @@ def _wiener_map(halves: list[tuple[Tensor, Tensor]]) -> Tensor:
     floor = 1e-6 * float(density.mean())
     ssnr = ssnr_between(b1 / (density1 + floor), b2 / (density2 + floor))
     shell_weight = shell_means(density)
-    known = min(len(ssnr), len(shell_weight))
-    per_shell = torch.full_like(shell_weight, 1e-3)
-    per_shell[:known] = torch.nan_to_num(ssnr[:known].to(per_shell), nan=0.0).clamp(min=1e-3)
-    ridge = (shell_weight / per_shell)[shell_index(density.shape[0], density.device)].to(density.dtype)
+    per_voxel = (shell_weight / ssnr_per_shell(ssnr, len(shell_weight)))[shell_index(density.shape[0], density.device)]
+    ridge = per_voxel.to(density.dtype)
     return (b1 + b2) / (density + ridge + floor)
 
 

@@ -41,7 +41,7 @@ def half_map_fsc(x1: torch.Tensor, x2: torch.Tensor, grid: FourierGrid, interp: 
 def ssnr_between(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """SSNR = FSC / (1 − FSC) per shell of the fitted half maps (before the gridding correction:
     the coefficients the prior acts on), RELION's estimate for the Wiener prior τ²."""
-    fsc = torch.as_tensor(fsc_of_ft(x1, x2, x1.shape[0]))
+    fsc = torch.as_tensor(fsc_of_ft(x1, x2, x1.shape[0]), device=x1.device)
     return fsc / (1 - fsc)
 
 

@@ -118,7 +118,7 @@ def with_prior(half: HalfSet, state: HalfState, ssnr: Tensor | None) -> HalfStat
     """
     s, x = half.settings, state.x
     shells = shell_index(x.shape[0], x.device)
-    inverse_ssnr = 0.0 if ssnr is None else 1.0 / _per_shell(ssnr, len(state.shell_weight))
+    inverse_ssnr = 0.0 if ssnr is None else 1.0 / ssnr_per_shell(ssnr, len(state.shell_weight))
     wiener = (state.shell_weight * inverse_ssnr)[shells].to(half.dtype)
     ridge = (s.l2 + (state.shell_weight * s.shell_ridge)[shells]).to(half.dtype) + wiener
     new = replace(state, ridge=ridge, wiener=wiener)
@@ -133,7 +133,7 @@ def with_prior(half: HalfSet, state: HalfState, ssnr: Tensor | None) -> HalfStat
     return replace(new, x=x, optimizer=sgd_optimizer(s, half.grid.work_box_px, diagonal).init(x))
 
 
-def _per_shell(ssnr: Tensor, n_shells: int) -> Tensor:
+def ssnr_per_shell(ssnr: Tensor, n_shells: int) -> Tensor:
     """SSNR padded with zeros to ``n_shells`` (corner shells beyond Nyquist), floored at 1e-3."""
     out = torch.zeros(n_shells, dtype=torch.float64, device=ssnr.device)
     known = min(len(ssnr), n_shells)
