@@ -44,6 +44,18 @@ def random_particles(n: int, box: int, pixel_A: float, seed: int = 0, names: str
         phase_shift_deg=np.zeros(n), bfactor_A2=np.zeros(n), ctf_scale=np.ones(n))
 
 
+def blob_dataset(root: Path, n_particles: int, box: int, pixel_A: float) -> tuple[Path, Path]:
+    """An asymmetric 24-blob phantom (``root/truth.mrc``) and ``n_particles`` simulated at SNR 5
+    (``root/sim``): (the STAR file, the truth), for the pose-search tests."""
+    from cryosgd.io.mrc import write_map
+    from cryosgd.sim.phantom import blob_phantom
+    from cryosgd.sim.simulate import SimulationSettings, simulate
+
+    write_map(root / "truth.mrc", blob_phantom(box, n_blobs=24, sigma_px=1.2, seed=11), pixel_A)
+    star = simulate(root / "truth.mrc", root / "sim", SimulationSettings(n_particles=n_particles, snr=5.0, seed=3))
+    return star, root / "truth.mrc"
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 

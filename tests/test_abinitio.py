@@ -13,19 +13,15 @@ from cryosgd.pose.compare import pose_errors
 from cryosgd.pose.so3 import random_rotations
 from cryosgd.recon.ab_initio import flip_hand
 from cryosgd.sim.phantom import blob_phantom
-from cryosgd.sim.simulate import SimulationSettings, simulate
 
-from conftest import correlation, run_cli
+from conftest import blob_dataset, correlation, run_cli
 
 BOX, PIXEL_A = 40, 3.0
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("abinitio")
-    write_map(root / "truth.mrc", blob_phantom(BOX, n_blobs=24, sigma_px=1.2, seed=11), PIXEL_A)
-    star = simulate(root / "truth.mrc", root / "sim", SimulationSettings(n_particles=1000, snr=5.0, seed=3))
-    return star, root / "truth.mrc"
+    return blob_dataset(tmp_path_factory.mktemp("abinitio"), 1000, BOX, PIXEL_A)
 
 
 def _aligned_correlation(found: np.ndarray, truth: np.ndarray, rotation: torch.Tensor, mirrored: bool) -> float:

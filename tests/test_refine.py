@@ -15,19 +15,15 @@ from cryosgd.fourier.fsc import fsc
 from cryosgd.io.mrc import read_map, write_map
 from cryosgd.pose.so3 import geodesic_distance_deg
 from cryosgd.sim.phantom import blob_phantom
-from cryosgd.sim.simulate import SimulationSettings, simulate
 
-from conftest import correlation, run_cli
+from conftest import blob_dataset, correlation, run_cli
 
 BOX, PIXEL_A = 40, 3.0
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine")
-    write_map(root / "truth.mrc", blob_phantom(BOX, n_blobs=24, sigma_px=1.2, seed=11), PIXEL_A)
-    star = simulate(root / "truth.mrc", root / "sim", SimulationSettings(n_particles=1200, snr=5.0, seed=3))
-    return star, root / "truth.mrc"
+    return blob_dataset(tmp_path_factory.mktemp("refine"), 1200, BOX, PIXEL_A)
 
 
 @pytest.fixture(scope="module")

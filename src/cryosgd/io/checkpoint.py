@@ -61,3 +61,31 @@ def load_checkpoint(path: str | Path, types: list[type] = (), device=None) -> di
     except Exception as err:  # a truncated, foreign or outdated file: say which
         raise InputError(path, f"cannot read checkpoint ({err.__class__.__name__}); "
                                "start again without --resume (and with --force)") from None
+
+
+_IDENTITY = (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"), ("settings", "settings"))
+
+
+def load_resumable(path: str | Path, identity: dict, types: list[type] = (), device=None) -> dict:
+    """The checkpoint at ``path`` for ``--resume``, refused in one line when there is none or
+    when its ``identity`` differs from ``identity`` (the STAR file's path, a digest of its
+    particle table, the stacks' paths and sizes, the settings), naming what differs."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "--resume: no checkpoint here; run without --resume to start")
+    saved = load_checkpoint(path, types, device)
+    theirs = saved.get("identity", {})
+    for key, what in _IDENTITY:
+        if theirs.get(key) != identity[key]:
+            detail = f" ({theirs.get('star')})" if key == "star" else _difference(theirs.get(key), identity[key])
+            raise InputError(path, f"--resume: made from another {what}{detail}; "
+                                   "choose another -o, or drop --resume and add --force to start over")
+    return saved
+
+
+def _difference(theirs, ours) -> str:
+    """`` (name old → new, …)`` for the settings that differ, or nothing."""
+    if not isinstance(theirs, dict) or not isinstance(ours, dict):
+        return ""
+    changed = [f"{k} {theirs.get(k)} → {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k)]
+    return f" ({', '.join(changed)})" if changed else ""

@@ -56,7 +56,7 @@ from cryosgd.errors import InputError
 from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.fourier.maps import centre_of_mass_px, low_pass_ft, masked_ft, pad_ft, shift_ft, soft_sphere
 from cryosgd.io.atomic import write_lines
-from cryosgd.io.checkpoint import load_checkpoint, save_checkpoint
+from cryosgd.io.checkpoint import load_resumable, save_checkpoint
 from cryosgd.io.mrc import write_map
 from cryosgd.model.forward import ForwardModel
 from cryosgd.objective.loss import LeastSquares
@@ -368,15 +368,8 @@ def _save(out_dir: Path, identity: dict, state: AbInitioState, metrics: list[dic
 
 
 def _load(out_dir: Path, identity: dict, device) -> tuple[AbInitioState, list[dict]]:
-    path = out_dir / "checkpoint.pt"
-    if not path.exists():
-        raise InputError(path, "--resume: no checkpoint here; run without --resume to start")
-    saved = load_checkpoint(path, [AbInitioState, PoseTable, RunningDiagonalState], device)
-    for key, what in (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"),
-                      ("settings", "settings")):
-        if saved.get("identity", {}).get(key) != identity[key]:
-            raise InputError(path, f"--resume: made from another {what}; choose another -o, or drop --resume "
-                                   "and add --force to start over")
+    saved = load_resumable(out_dir / "checkpoint.pt", identity, [AbInitioState, PoseTable, RunningDiagonalState],
+                           device)
     return saved["state"], saved["metrics"]
 
 

@@ -23,11 +23,10 @@ import torch
 from cryosgd import dist
 from cryosgd.data.particles import ParticleTable, read_particles
 from cryosgd.data.stack import ImageStack
-from cryosgd.errors import InputError
 from cryosgd.fourier.fsc import FSCCurve, fsc
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.io.atomic import write_lines
-from cryosgd.io.checkpoint import load_checkpoint, save_checkpoint
+from cryosgd.io.checkpoint import load_resumable, save_checkpoint
 from cryosgd.io.mrc import write_map
 from cryosgd.objective.loss import DataTerms
 from cryosgd.objective.noise import spectra
@@ -222,16 +221,7 @@ class _Run:
         return self.out_dir / "checkpoint.pt"
 
     def load(self, device) -> tuple[list[HalfState], list[dict], bool]:
-        if not self.path.exists():
-            raise InputError(self.path, "--resume: no checkpoint here; run without --resume to start")
-        saved = load_checkpoint(self.path, _STATE_TYPES, device)
-        theirs = saved.get("identity", {})
-        for key, what in (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"),
-                          ("settings", "settings")):
-            if theirs.get(key) != self.identity[key]:
-                detail = f" ({theirs.get('star')})" if key == "star" else _difference(theirs.get(key), self.identity[key])
-                raise InputError(self.path, f"--resume: made from another {what}{detail}; "
-                                            "choose another -o, or drop --resume and add --force to start over")
+        saved = load_resumable(self.path, self.identity, _STATE_TYPES, device)
         return saved["halves"], saved["metrics"], saved["stopped"]
 
     def save(self, states: list[HalfState], metrics: list[dict], stopped: bool) -> list[dict]:
@@ -241,13 +231,6 @@ class _Run:
                                         "stopped": stopped})
             write_lines(self.out_dir / "metrics.jsonl", [json.dumps(m) for m in metrics])
         return metrics
-
-
-def _difference(theirs, ours) -> str:
-    if not isinstance(theirs, dict) or not isinstance(ours, dict):
-        return ""
-    changed = [f"{k} {theirs.get(k)} → {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k)]
-    return f" ({', '.join(changed)})" if changed else ""
 
 
 def _write_outputs(out_dir: Path, halves: list[HalfSet], states: list[HalfState], metrics) -> ReconstructionResult:

@@ -48,7 +48,7 @@ from cryosgd.fourier.fsc import FSCCurve, fsc
 from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere
 from cryosgd.io.atomic import write_lines
-from cryosgd.io.checkpoint import load_checkpoint, save_checkpoint
+from cryosgd.io.checkpoint import load_resumable, save_checkpoint
 from cryosgd.io.mrc import read_map, write_map
 from cryosgd.model.ctf import ctf_values
 from cryosgd.objective.loss import DataTerms, LeastSquares
@@ -451,15 +451,8 @@ class _Run:
         return self.out_dir / "checkpoint.pt"
 
     def load(self, device) -> tuple[RefineState, list[dict]]:
-        if not self.path.exists():
-            raise InputError(self.path, "--resume: no checkpoint here; run without --resume to start")
-        saved = load_checkpoint(self.path, [RefineState, PoseTable, HalfState, DataTerms, HutchinsonState,
-                                            ArmijoState, RunningDiagonalState], device)
-        for key, what in (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"),
-                          ("settings", "settings")):
-            if saved.get("identity", {}).get(key) != self.identity[key]:
-                raise InputError(self.path, f"--resume: made from another {what}; choose another -o, or drop "
-                                            "--resume and add --force to start over")
+        saved = load_resumable(self.path, self.identity, [RefineState, PoseTable, HalfState, DataTerms,
+                                                          HutchinsonState, ArmijoState, RunningDiagonalState], device)
         return saved["state"], saved["metrics"]
 
     def save(self, state: RefineState, metrics: list[dict]) -> None:
