@@ -353,6 +353,24 @@ def test_ctrl_c_leaves_nothing_half_written_and_says_so(tmp_path, monkeypatch):
     assert _files(tmp_path) == ["in.star", "map.mrc"]
 
 
+def test_ctrl_c_exits_at_once_whatever_threads_are_still_working():
+    """After the one line, the process leaves with 130 without waiting for (or finalising
+    under) a background thread that Ctrl-C stopped mid-work."""
+    script = textwrap.dedent("""
+        import threading
+        import cryosgd.cli as cli
+
+        def interrupted(argv=None):
+            threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon
+            return 130
+
+        cli.main = interrupted
+        cli.entry_point()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 130, result.stderr
+
+
 # 8. What users read ---------------------------------------------------------------------------
 
 def test_help_and_bad_choices_answer_without_importing_torch():

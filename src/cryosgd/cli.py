@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -468,4 +469,9 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:  # interrupted: leave without finalising the interpreter, which a background
+        sys.stdout.flush()  # thread stopped mid-work (torch's, matplotlib's) can abort (exit −6)
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
