@@ -78,6 +78,25 @@ def test_batches_cannot_be_changed_and_in_place_edits_are_not_served_stale():
     assert (model.forward(volume, batch) - before).abs().max() > 1e-3 * before.abs().max()
 
 
+def test_rows_taken_from_a_batch_are_modelled_as_a_batch_built_from_scratch():
+    """(image, pose) rows gather their CTF values from the images' batch: the prediction equals
+    that of the same rows built afresh, for particles of different defoci."""
+    grid, batch, volume = _batch(n=4)
+    batch = dataclasses.replace(batch, ctf=dataclasses.replace(batch.ctf, defocus_u_A=torch.tensor(
+        [8000.0, 12000.0, 16000.0, 20000.0], dtype=torch.float64)))
+    model = ForwardModel(grid)
+    model.forward(volume, batch)  # the images' CTF values are cached on the batch first
+    rows = torch.tensor([3, 0, 3, 1, 2])
+    g = torch.Generator().manual_seed(3)
+    taken = batch.take(rows).with_poses(euler_to_matrix(torch.rand(5, 3, generator=g, dtype=torch.float64) * 90),
+                                        torch.randn(5, 2, generator=g, dtype=torch.float64))
+    fresh = Batch(taken.index, taken.rotations, taken.shift_A, batch.ctf.take(rows), taken.images_ft)
+    torch.testing.assert_close(model.forward(volume, taken), ForwardModel(grid).forward(volume, fresh))
+    taken.ctf.defocus_u_A.add_(500.0)  # edited in place: no longer the source's values
+    fresh.ctf.defocus_u_A.add_(500.0)
+    torch.testing.assert_close(model.forward(volume, taken), ForwardModel(grid).forward(volume, fresh))
+
+
 # Optimisers as transforms -----------------------------------------------------------------------
 
 def test_armijo_decides_as_the_loss_comparison_in_float64_would():
@@ -167,6 +186,29 @@ def test_epochs_read_no_image_again_and_compute_no_extra_pass(dataset, monkeypat
     state, metrics = run_epoch(half, state, 2)
     assert sum(reads) == len(table) and passes == [None, 1, 2]
     assert np.isfinite(metrics["loss"]) and metrics["map_change"] > 0
+
+
+def test_a_half_within_a_band_is_the_whole_half_with_the_frequencies_beyond_weighted_zero(dataset):
+    """`HalfSet.within(r)` crops images and model to |k| ≤ r: its data terms (b, diag(H), H·1)
+    equal those of the whole disc with a noise weight of 0 beyond r, and no voxel beyond the
+    band's trilinear reach is touched."""
+    table = read_particles(dataset)
+    stack = ImageStack(table)
+    grid = FourierGrid.create(stack.box_px, table.pixel_A)
+    whole = HalfSet(table, stack, grid, ReconstructionSettings(batch_size=150), half=1, dtype=torch.float64)
+    radius = 5.5
+    band = whole.within(radius)
+    assert len(band.grid.freq_px) < len(grid.freq_px) and whole.within(grid.radius_px) is whole
+    zero_beyond = ((grid.freq_px**2).sum(-1) <= radius**2).double()[None]
+    weighted = LeastSquares(whole.model, 0.0, zero_beyond)
+    expected = [weighted.data_terms(b) for b in whole.parts(None)]
+    cropped = [LeastSquares(band.model, 0.0).data_terms(b) for b in band.parts(None)]
+    for got, want in zip(cropped, expected):
+        for name in ("c", "b", "diagonal", "density"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name))
+    radius_3d = torch.fft.fftfreq(grid.work_box_px, 1 / grid.work_box_px).abs()
+    beyond = (radius_3d[:, None, None] > radius + 2) | (radius_3d[None, :, None] > radius + 2)
+    assert cropped[0].density[beyond.expand_as(cropped[0].density)].abs().max() == 0
 
 
 # Reproducible runs and the automatic epoch count ----------------------------------------------------

@@ -72,6 +72,8 @@ class Batch:
             for a single group.
         weight: ``(B,)`` weight of each row in the objective (a pose's posterior probability
             when rows are (image, pose) pairs), or None for 1.
+        source: ``(batch, rows)`` when this batch is ``batch.take(rows)``: what depends only on
+            the particles (their CTF values) is computed once on ``batch`` and gathered.
     """
 
     index: np.ndarray
@@ -81,6 +83,7 @@ class Batch:
     images_ft: Tensor | None = None
     optics_group: Tensor | None = None
     weight: Tensor | None = None
+    source: tuple[Batch, Tensor] | None = field(default=None, repr=False)
     _derived: dict = field(default_factory=dict, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -102,19 +105,20 @@ class Batch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Batch(self.index[rows.cpu().numpy()], self.rotations[rows], self.shift_A[rows],
                      None if self.ctf is None else self.ctf.take(rows), pick(self.images_ft),
-                     pick(self.optics_group), pick(self.weight))
+                     pick(self.optics_group), pick(self.weight), (self, rows))
 
     def derived(self, key: tuple, sources: tuple[Tensor, ...], compute):
-        """``compute()``, cached under ``key`` and the identity and version of ``sources``.
+        """``compute()``, cached under ``key`` and the identity and version of ``sources``
+        (one value per ``key``: a new version replaces the old).
 
         A tensor's version counts its in-place changes, so even a batch whose tensors were
         modified in place (which callers should not do) never returns a stale value.
         """
-        full_key = (key, tuple((id(t), t._version) for t in sources))
-        if full_key not in self._derived:
-            self._derived.clear()
-            self._derived[full_key] = compute()
-        return self._derived[full_key]
+        stamp = tuple((id(t), t._version) for t in sources)
+        cached = self._derived.get(key)
+        if cached is None or cached[0] != stamp:
+            self._derived[key] = (stamp, compute())
+        return self._derived[key][1]
 
 
 def make_batch(table: ParticleTable, index: np.ndarray, store=None, dtype: torch.dtype = torch.float32,

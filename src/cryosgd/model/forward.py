@@ -23,25 +23,19 @@ from cryosgd.fourier.slice import Interp, extract, insert_many
 from cryosgd.model.ctf import ctf_formula
 
 
-def _modulation(freq_px: Tensor, step_invA: float, shift_A: Tensor, *ctf_columns: Tensor) -> Tensor:
-    """``(B, P)`` complex CTF · exp(+2πi k · origin), CTF = 1 without columns.
+def _phase(freq_px: Tensor, step_invA: float, shift_A: Tensor) -> Tensor:
+    """``(B, P)`` complex exp(+2πi k · origin).
 
-    The phase factor separates, exp(2πi (kx tx + ky ty)) = exp(2πi kx tx) · exp(2πi ky ty): a
-    table per particle and frequency index on each axis, and one product per (particle, pixel)
-    instead of a sine and a cosine (``conventions.shift_phase``'s values, to rounding).
+    The factor separates, exp(2πi (kx tx + ky ty)) = exp(2πi kx tx) · exp(2πi ky ty): a table per
+    particle and frequency index on each axis, and one product per (particle, pixel) instead of
+    a sine and a cosine (``conventions.shift_phase``'s values, to rounding).
     """
     index = freq_px.long()
     steps = torch.arange(-int(index.abs().max()), int(index.abs().max()) + 1, device=shift_A.device)
     tables = [torch.polar(torch.ones_like(a), a) for a in
               (2 * math.pi * step_invA * shift_A[:, axis, None] * steps for axis in (0, 1))]
     offset = steps.shape[0] // 2
-    phase = tables[0][:, index[:, 0] + offset] * tables[1][:, index[:, 1] + offset]
-    if not ctf_columns:
-        return phase
-    freq_invA = freq_px * step_invA
-    return phase * ctf_formula(*(c[:, None] for c in ctf_columns), freq_invA[:, 0], freq_invA[:, 1])
-
-
+    return tables[0][:, index[:, 0] + offset] * tables[1][:, index[:, 1] + offset]
 
 
 @dataclass(frozen=True)
@@ -67,16 +61,27 @@ class ForwardModel:
 
         Evaluated in float64 (phases and CTF arguments reach hundreds of radians), then cast.
         """
-        ctf = batch.ctf if self.use_ctf else None
-        sources = (batch.shift_A, *(() if ctf is None else ctf.columns()))
-        return batch.derived(("modulation", self.grid, ctf is not None, dtype), sources,
-                             lambda: self._modulation(batch.shift_A, ctf, dtype))
+        sources = (batch.shift_A, *(batch.ctf.columns() if self.use_ctf and batch.ctf is not None else ()))
+        return batch.derived(("modulation", self.grid, dtype), sources, lambda: self._modulation(batch, dtype))
 
-    def _modulation(self, shift_A: Tensor, ctf, dtype) -> Tensor:
-        freq_px = self.grid.freq_px.to(device=shift_A.device)
-        columns = () if ctf is None else ctf.to(dtype=torch.float64).columns()
-        factor = _modulation(freq_px, self.grid.freq_step_invA, shift_A.to(torch.float64), *columns)
+    def _modulation(self, batch: Batch, dtype) -> Tensor:
+        freq_px = self.grid.freq_px.to(device=batch.shift_A.device)
+        factor = _phase(freq_px, self.grid.freq_step_invA, batch.shift_A.to(torch.float64))
+        if self.use_ctf and batch.ctf is not None:
+            factor = factor * self._ctf(batch)
         return factor.to(torch.promote_types(dtype, torch.complex64))
+
+    def _ctf(self, batch: Batch) -> Tensor:
+        """``(B, P)`` float64 CTF values, cached; the rows of a :meth:`Batch.take` are gathered
+        from their source batch's (one evaluation per image, however many poses it has), unless
+        their own CTF parameters were edited in place since."""
+        if batch.source is not None and all(c._version == 0 for c in batch.ctf.columns()):
+            parent, rows = batch.source
+            return self._ctf(parent)[rows]
+        freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
+        columns = batch.ctf.to(dtype=torch.float64).columns()
+        return batch.derived(("ctf", self.grid), batch.ctf.columns(), lambda: ctf_formula(
+            *(c[:, None] for c in columns), freq_invA[:, 0], freq_invA[:, 1]))
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)

@@ -9,6 +9,7 @@ meet in :func:`cryosgd.dist.all_reduce_sums`, called here and nowhere else in th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -40,12 +41,25 @@ class HalfSet:
         self.model = ForwardModel(grid, settings.interp, use_ctf=table.has_ctf and settings.use_ctf)
         self.owned = dist.shard(np.arange(len(table)))  # positions in the half this rank holds
         self.store = None
+        self._band = None  # which of the store's disc values the grid keeps (see `within`)
         if stack is not None:
             store_dtype = torch.bfloat16 if settings.store_dtype == "bfloat16" else torch.complex64
             self.store = ParticleStore(stack.subset(self.owned), grid, settings.store, store_dtype, self.device, dtype)
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def within(self, radius_px: float) -> HalfSet:
+        """The same half (particles, images, map shape) on the image frequencies within
+        ``radius_px`` only: its passes cost in proportion to the band's area, and leave the
+        voxels beyond it untouched."""
+        if radius_px >= self.grid.radius_px:
+            return self
+        band = copy.copy(self)
+        band.grid = replace(self.grid, radius_px=float(radius_px))
+        band.model = replace(self.model, grid=band.grid)
+        band._band = ((self.grid.freq_px**2).sum(-1) <= radius_px**2).to(self.device)
+        return band
 
     @property
     def steps_per_epoch(self) -> int:
@@ -70,7 +84,9 @@ class HalfSet:
         if len(index) == 0:
             return self._empty_share()
         batch = make_batch(self.table, index, None, self.dtype, self.device)
-        return batch if images is None else replace(batch, images_ft=images)
+        if images is None:
+            return batch
+        return replace(batch, images_ft=images if self._band is None else images[:, self._band])
 
     def _empty_share(self) -> Batch:
         batch = make_batch(self.table, np.arange(1), None, self.dtype, self.device)

@@ -268,7 +268,9 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
         maps, states = [s.x for s in stepped], stepped
     else:
         found = [_search_half(h, x, plan, prev) for h, x, prev in zip(halves, references, state.poses or (None, None))]
-        maps, states = _em_update(halves, [f.table() for f in found], inputs.group, state.sigma2)
+        radius = _update_radius(band, grid) if settings.update == "em" else grid.work_box_px / 2 - 1
+        maps, states = _em_update([h.within(radius) for h in halves], [f.table() for f in found], inputs.group,
+                                  state.sigma2)
     poses = [f.table() for f in found]
     maps = _join(maps, grid, settings.join_res_A)
     states = [replace(s, x=x) for s, x in zip(states, maps)]
@@ -290,6 +292,13 @@ def _converged(state: RefineState, grid: FourierGrid) -> bool:
     """From iteration 3: the last iteration raised the mean half-map FSC by less than
     ``_STALLED`` (the poses, and with them the maps, no longer improve)."""
     return state.iteration >= 3 and state.stalled >= 1
+
+
+def _update_radius(band_px: float, grid: FourierGrid) -> float:
+    """The image frequencies an ``em`` update back-projects: twice the search band, at most
+    Nyquist (as RELION's ``current_size``). The half-map FSC then reaches beyond the band, so
+    the band can grow, and the early iterations' passes cost a fraction of a full one."""
+    return min(grid.work_box_px / 2 - 1, 2 * band_px)
 
 
 def _next_band(curve: FSCCurve, grid: FourierGrid, settings: RefineSettings, band: float) -> float:
