@@ -143,20 +143,25 @@ def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, st
 def _star_scores(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts: Tensor, h: float, s: float,
                  interp: Interp, centre_only: bool = False) -> Tensor:
     """``(B, K, 9, 7)`` log-likelihoods of the star rotations × shift grid around each pose
-    (``(B, K, 1, 1)`` at the pose itself with ``centre_only``)."""
-    real = images.ctf.dtype
+    (``(B, K, 1, 1)`` at the pose itself with ``centre_only``).
+
+    The shift grid's phase separates, e^{2πik·(t + δ)} = e^{2πik·t} · e^{2πik·δ}: the image side
+    ``ã e^{2πik·t}`` is made once per pose, multiplied by each star rotation's slice, and the 9
+    offsets δ, shared by every pose, enter by one matrix product."""
+    real, dtype = images.ctf.dtype, images.images_ft.dtype
     star = torch.tensor(_STAR[:1] if centre_only else _STAR, dtype=real, device=rotations.device) * h
     offsets = torch.tensor(_SHIFTS[4:5] if centre_only else _SHIFTS, dtype=real, device=rotations.device) * s
     batch, k = rotations.shape[:2]
     children = rotations[:, :, None] @ exp_map(star)  # (B, K, R, 3, 3)
     projections = extract(volume_ft, children.reshape(-1, 3, 3).to(volume_ft.real.dtype),
-                          images.freq_px.to(volume_ft.real.dtype), interp).reshape(batch, k, len(star), -1)
-    projections = projections.to(images.images_ft.dtype)
-    phases = phase_ramps(images.freq_invA, shifts[:, :, None, :] + offsets).to(images.images_ft.dtype)
-    a = (images.weight * images.ctf * images.images_ft.conj())[:, None, None, :] * phases  # (B, K, S, P)
-    left = torch.cat([a.real, -a.imag], -1).reshape(batch * k, len(offsets), -1)
-    right = torch.cat([projections.real, projections.imag], -1).reshape(batch * k, len(star), -1)
-    cross = torch.bmm(left, right.transpose(1, 2)).reshape(batch, k, len(offsets), len(star))
+                          images.freq_px.to(volume_ft.real.dtype), interp).reshape(batch, k, len(star), -1).to(dtype)
+    at_pose = (images.weight * images.ctf * images.images_ft.conj())[:, None, :] * phase_ramps(
+        images.freq_invA, shifts).to(dtype)  # (B, K, P)
+    product = at_pose[:, :, None, :] * projections  # (B, K, R, P)
+    offset_phases = phase_ramps(images.freq_invA, offsets).to(dtype)  # (S, P)
+    left = torch.cat([product.real, -product.imag], -1).reshape(batch * k * len(star), -1)
+    right = torch.cat([offset_phases.real, offset_phases.imag], -1)
+    cross = (left @ right.T).reshape(batch, k, len(star), len(offsets)).transpose(2, 3)
     norm = torch.einsum("bp,bkrp->bkr", images.weight * images.ctf**2, projections.real**2 + projections.imag**2)
     return cross - 0.5 * norm[:, :, None, :]
 
