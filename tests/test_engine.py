@@ -95,6 +95,13 @@ def test_rows_taken_from_a_batch_are_modelled_as_a_batch_built_from_scratch():
     taken.ctf.defocus_u_A.add_(500.0)  # edited in place: no longer the source's values
     fresh.ctf.defocus_u_A.add_(500.0)
     torch.testing.assert_close(model.forward(volume, taken), ForwardModel(grid).forward(volume, fresh))
+    other = batch.ctf.take(torch.tensor([0, 0, 1, 1, 2]))  # CTF parameters replaced on the rows
+    torch.testing.assert_close(model.forward(volume, dataclasses.replace(taken, ctf=other)),
+                               ForwardModel(grid).forward(volume, dataclasses.replace(fresh, ctf=other)))
+    again = batch.take(rows)
+    batch.ctf.defocus_v_A.add_(900.0)  # the parent edited in place after the rows were taken
+    torch.testing.assert_close(model.forward(volume, again), ForwardModel(grid).forward(volume, dataclasses.replace(
+        again, ctf=dataclasses.replace(again.ctf, defocus_u_A=again.ctf.defocus_u_A.clone()))))
 
 
 # Optimisers as transforms -----------------------------------------------------------------------
@@ -190,8 +197,8 @@ def test_epochs_read_no_image_again_and_compute_no_extra_pass(dataset, monkeypat
 
 def test_a_half_within_a_band_is_the_whole_half_with_the_frequencies_beyond_weighted_zero(dataset):
     """`HalfSet.within(r)` crops images and model to |k| ≤ r: its data terms (b, diag(H), H·1)
-    equal those of the whole disc with a noise weight of 0 beyond r, and no voxel beyond the
-    band's trilinear reach is touched."""
+    under a noise spectrum equal those of the whole disc with its weights set to 0 beyond r,
+    and no voxel beyond the band's trilinear reach is touched."""
     table = read_particles(dataset)
     stack = ImageStack(table)
     grid = FourierGrid.create(stack.box_px, table.pixel_A)
@@ -199,10 +206,12 @@ def test_a_half_within_a_band_is_the_whole_half_with_the_frequencies_beyond_weig
     radius = 5.5
     band = whole.within(radius)
     assert len(band.grid.freq_px) < len(grid.freq_px) and whole.within(grid.radius_px) is whole
+    sigma2 = 1.0 + torch.rand(1, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     zero_beyond = ((grid.freq_px**2).sum(-1) <= radius**2).double()[None]
-    weighted = LeastSquares(whole.model, 0.0, zero_beyond)
+    weighted = LeastSquares(whole.model, 0.0, whole.noise_weight(sigma2) * zero_beyond)
     expected = [weighted.data_terms(b) for b in whole.parts(None)]
-    cropped = [LeastSquares(band.model, 0.0).data_terms(b) for b in band.parts(None)]
+    cropped = [LeastSquares(band.model, 0.0, band.noise_weight(sigma2)).data_terms(b) for b in band.parts(None)]
+    assert len(cropped) == len(expected)
     for got, want in zip(cropped, expected):
         for name in ("c", "b", "diagonal", "density"):
             torch.testing.assert_close(getattr(got, name), getattr(want, name))

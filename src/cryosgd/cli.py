@@ -471,7 +471,10 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
 def entry_point() -> None:
     code = main()
     if code == 130:  # interrupted: leave without finalising the interpreter, which a background
-        sys.stdout.flush()  # thread stopped mid-work (torch's, matplotlib's) can abort (exit −6)
-        sys.stderr.flush()
-        os._exit(code)
+        for stream in (sys.stdout, sys.stderr):  # thread stopped mid-work can abort (exit −6)
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)  # (atexit handlers, such as dist's process-group teardown, are skipped)
     sys.exit(code)

@@ -72,8 +72,8 @@ class Batch:
             for a single group.
         weight: ``(B,)`` weight of each row in the objective (a pose's posterior probability
             when rows are (image, pose) pairs), or None for 1.
-        source: ``(batch, rows)`` when this batch is ``batch.take(rows)``: what depends only on
-            the particles (their CTF values) is computed once on ``batch`` and gathered.
+        source: how this batch was taken from another (:class:`Taken`), or None: what depends
+            only on the particles (their CTF values) is then computed once on that batch and gathered.
     """
 
     index: np.ndarray
@@ -83,7 +83,7 @@ class Batch:
     images_ft: Tensor | None = None
     optics_group: Tensor | None = None
     weight: Tensor | None = None
-    source: tuple[Batch, Tensor] | None = field(default=None, repr=False)
+    source: Taken | None = field(default=None, repr=False)
     _derived: dict = field(default_factory=dict, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -103,9 +103,9 @@ class Batch:
         """The rows ``rows`` (indices into this batch, repeats allowed): e.g. one row per
         (image, candidate pose), to be given their poses and weights."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Batch(self.index[rows.cpu().numpy()], self.rotations[rows], self.shift_A[rows],
-                     None if self.ctf is None else self.ctf.take(rows), pick(self.images_ft),
-                     pick(self.optics_group), pick(self.weight), (self, rows))
+        ctf = None if self.ctf is None else self.ctf.take(rows)
+        return Batch(self.index[rows.cpu().numpy()], self.rotations[rows], self.shift_A[rows], ctf,
+                     pick(self.images_ft), pick(self.optics_group), pick(self.weight), Taken(self, rows, ctf))
 
     def derived(self, key: tuple, sources: tuple[Tensor, ...], compute):
         """``compute()``, cached under ``key`` and the identity and version of ``sources``
@@ -119,6 +119,30 @@ class Batch:
         if cached is None or cached[0] != stamp:
             self._derived[key] = (stamp, compute())
         return self._derived[key][1]
+
+
+@dataclass(frozen=True, eq=False)
+class Taken:
+    """``parent.take(rows)``, with the rows' CTF parameters as taken and the versions of the
+    parent's then (see :meth:`Batch.derived` on versions)."""
+
+    parent: Batch
+    rows: Tensor
+    ctf: CTFParams | None
+    parent_versions: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "parent_versions", _versions(self.parent.ctf))
+
+    def gathers_ctf_of(self, batch: Batch) -> bool:
+        """Whether the parent's CTF values, gathered by ``rows``, are ``batch``'s: its parameters
+        are those taken, and neither they nor the parent's were edited in place since."""
+        return (batch.ctf is not None and batch.ctf is self.ctf and all(v == 0 for v in _versions(batch.ctf))
+                and _versions(self.parent.ctf) == self.parent_versions)
+
+
+def _versions(ctf: CTFParams | None) -> tuple[int, ...]:
+    return () if ctf is None else tuple(c._version for c in ctf.columns())
 
 
 def make_batch(table: ParticleTable, index: np.ndarray, store=None, dtype: torch.dtype = torch.float32,

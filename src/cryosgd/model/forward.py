@@ -75,9 +75,8 @@ class ForwardModel:
         """``(B, P)`` float64 CTF values, cached; the rows of a :meth:`Batch.take` are gathered
         from their source batch's (one evaluation per image, however many poses it has), unless
         their own CTF parameters were edited in place since."""
-        if batch.source is not None and all(c._version == 0 for c in batch.ctf.columns()):
-            parent, rows = batch.source
-            return self._ctf(parent)[rows]
+        if batch.source is not None and batch.source.gathers_ctf_of(batch):
+            return self._ctf(batch.source.parent)[batch.source.rows]
         freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
         columns = batch.ctf.to(dtype=torch.float64).columns()
         return batch.derived(("ctf", self.grid), batch.ctf.columns(), lambda: ctf_formula(

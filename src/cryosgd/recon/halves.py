@@ -25,6 +25,8 @@ from cryosgd.data.store import ParticleStore
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.model.forward import ForwardModel
 from cryosgd.objective.loss import count
+from cryosgd.objective.noise import noise_weight
+from cryosgd.pose.scores import band_mask
 from cryosgd.recon.settings import ReconstructionSettings
 
 
@@ -37,6 +39,7 @@ class HalfSet:
     def __init__(self, table: ParticleTable, stack: ImageStack | None, grid: FourierGrid,
                  settings: ReconstructionSettings, half: int, device=None, dtype=torch.float32):
         self.table, self.grid, self.settings, self.half = table, grid, settings, half
+        self.disc_grid = grid  # the images' disc (``grid`` is narrower on a half `within` a band)
         self.device, self.dtype = torch.device("cpu") if device is None else torch.device(device), dtype
         self.model = ForwardModel(grid, settings.interp, use_ctf=table.has_ctf and settings.use_ctf)
         self.owned = dist.shard(np.arange(len(table)))  # positions in the half this rank holds
@@ -58,8 +61,16 @@ class HalfSet:
         band = copy.copy(self)
         band.grid = replace(self.grid, radius_px=float(radius_px))
         band.model = replace(self.model, grid=band.grid)
-        band._band = ((self.grid.freq_px**2).sum(-1) <= radius_px**2).to(self.device)
+        band._band = band_mask(self.disc_grid.freq_px, radius_px).to(self.device)
         return band
+
+    def noise_weight(self, sigma2: Tensor | None) -> Tensor | None:
+        """``(G, P)`` weights 1/σ² on this half's frequencies (None for white noise), scaled as
+        on the whole disc: a half `within` a band weighs its frequencies as the whole half does."""
+        if sigma2 is None:
+            return None
+        weight = noise_weight(sigma2, self.disc_grid)
+        return weight if self._band is None else weight[:, self._band.to(weight.device)]
 
     @property
     def steps_per_epoch(self) -> int:

@@ -25,7 +25,7 @@ from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import shell_index, voxel_multiplicity
 from cryosgd.objective.diagonal import shell_means
 from cryosgd.objective.loss import DataTerms, LeastSquares, count
-from cryosgd.objective.noise import noise_weight, residual_power
+from cryosgd.objective.noise import residual_power
 from cryosgd.optim.base import Step, inner
 from cryosgd.recon.halves import HalfSet
 from cryosgd.recon.methods import cg_optimizer, sgd_optimizer
@@ -58,8 +58,7 @@ class HalfState:
 
 
 def objective_of(half: HalfSet, state: HalfState) -> LeastSquares:
-    weight = None if state.sigma2 is None else noise_weight(state.sigma2, half.grid)
-    return LeastSquares(half.model, state.ridge, weight)
+    return LeastSquares(half.model, state.ridge, half.noise_weight(state.sigma2))
 
 
 Rows = Callable[[Batch, Tensor], Batch]
@@ -75,7 +74,7 @@ def data_terms(half: HalfSet, sigma2: Tensor | None = None, on_batch: Callable[[
                rows: Rows = _known_poses, x: Tensor | None = None) -> DataTerms:
     """The half's :class:`DataTerms` (means over its images) under the noise spectrum ``sigma2``,
     in one pass; ``rows`` (given the map ``x``) turns each batch into the rows to fit."""
-    objective = LeastSquares(half.model, 0.0, None if sigma2 is None else noise_weight(sigma2, half.grid))
+    objective = LeastSquares(half.model, 0.0, half.noise_weight(sigma2))
 
     def sums(batch):
         terms = objective.data_terms(rows(batch, x))

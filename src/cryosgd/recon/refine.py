@@ -261,6 +261,9 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
         if n <= _GLOBAL_ITERATIONS and not settings.local else None
     plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group)
     references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
+    # em updates use the frequencies within twice the band; sgd's keep the whole disc (later
+    # iterations step from their states)
+    radius = _update_radius(band, grid) if settings.update == "em" else grid.work_box_px / 2 - 1
     if settings.update == "sgd" and 1 < n and not last:
         found = [_Found(len(h), plan.k, device, dtype) for h in halves]
         stepped = [_sgd_update(h, s, x, plan, prev, f, inputs.mask) for h, s, x, prev, f in
@@ -268,17 +271,17 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
         maps, states = [s.x for s in stepped], stepped
     else:
         found = [_search_half(h, x, plan, prev) for h, x, prev in zip(halves, references, state.poses or (None, None))]
-        radius = _update_radius(band, grid) if settings.update == "em" else grid.work_box_px / 2 - 1
         maps, states = _em_update([h.within(radius) for h in halves], [f.table() for f in found], inputs.group,
                                   state.sigma2)
     poses = [f.table() for f in found]
     maps = _join(maps, grid, settings.join_res_A)
     states = [replace(s, x=x) for s, x in zip(states, maps)]
-    curve = half_map_fsc(*maps, grid, settings.interp)
+    curve = _measured_within(half_map_fsc(*maps, grid, settings.interp), radius)
     resolution = curve.resolution_at(0.143)
     accuracy = float(torch.cat([p.sigma_deg for p in poses]).nan_to_num(posinf=90.0).median())
     sigma2 = _pooled_sigma2(found) if n > 1 else state.sigma2
-    row = {"iteration": n, "band_px": band, "band_A": grid.box_px * grid.pixel_A / band, "step_deg": plan.step_deg,
+    row = {"iteration": n, "band_px": band, "band_A": grid.box_px * grid.pixel_A / band, "update_px": radius,
+           "step_deg": plan.step_deg,
            "final_step_deg": plan.final_step_deg, "changed": _changed(state.poses, poses, plan.final_step_deg),
            "accuracy_deg": accuracy, "best_probability": float(torch.cat([p.weight[:, 0] for p in poses]).median()),
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
@@ -299,6 +302,14 @@ def _update_radius(band_px: float, grid: FourierGrid) -> float:
     Nyquist (as RELION's ``current_size``). The half-map FSC then reaches beyond the band, so
     the band can grow, and the early iterations' passes cost a fraction of a full one."""
     return min(grid.work_box_px / 2 - 1, 2 * band_px)
+
+
+def _measured_within(curve: FSCCurve, radius_px: float) -> FSCCurve:
+    """The FSC with 0 beyond the update's radius: the maps hold no data there, and what the
+    curve shows (the gridding correction's spread of the shells below) must not count."""
+    fsc_values = curve.fsc.copy()
+    fsc_values[math.floor(radius_px) + 1:] = 0.0
+    return replace(curve, fsc=fsc_values)
 
 
 def _next_band(curve: FSCCurve, grid: FourierGrid, settings: RefineSettings, band: float) -> float:
