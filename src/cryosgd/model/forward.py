@@ -77,10 +77,13 @@ class ForwardModel:
         their own CTF parameters were edited in place since."""
         if batch.source is not None and batch.source.gathers_ctf_of(batch):
             return self._ctf(batch.source.parent)[batch.source.rows]
-        freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
-        columns = batch.ctf.to(dtype=torch.float64).columns()
-        return batch.derived(("ctf", self.grid), batch.ctf.columns(), lambda: ctf_formula(
-            *(c[:, None] for c in columns), freq_invA[:, 0], freq_invA[:, 1]))
+
+        def evaluate() -> Tensor:
+            freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
+            columns = batch.ctf.to(dtype=torch.float64).columns()
+            return ctf_formula(*(c[:, None] for c in columns), freq_invA[:, 0], freq_invA[:, 1])
+
+        return batch.derived(("ctf", self.grid), batch.ctf.columns(), evaluate)
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)
