@@ -93,6 +93,16 @@ class Candidates:
     shift_A: Tensor
     log_likelihood: Tensor
 
+    def best_first(self) -> tuple[Candidates, Tensor]:
+        """Each particle's poses sorted by log-likelihood, best first, and the ``(B, K)`` order
+        (the old position of each)."""
+        order = self.log_likelihood.argsort(dim=1, descending=True)
+
+        def pick(t: Tensor) -> Tensor:
+            return torch.take_along_dim(t, order.view(*order.shape, *[1] * (t.dim() - 2)), 1)
+
+        return Candidates(pick(self.rotations), pick(self.shift_A), pick(self.log_likelihood)), order
+
 
 def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts_A: Tensor, *, top_k: int,
                   scale_profiled: bool = False, interp: Interp = "trilinear", chunk: int = 256) -> Candidates:

@@ -294,9 +294,7 @@ def _search_pass(inputs: AbInitioInput, settings: AbInitioSettings, store: Parti
                 start, step_deg = previous.candidates(rows, 2), 3.75  # the two best
             found, _ = local_search(reference, images, start, step_deg=step_deg, step_A=grid.work_pixel_A / 2,
                                     levels=2)
-            order = found.log_likelihood.argsort(dim=1, descending=True)
-            found = type(found)(*(torch.take_along_dim(t, order.view(*order.shape, *[1] * (t.dim() - 2)), 1)
-                                  for t in (found.rotations, found.shift_A, found.log_likelihood)))
+            found, _ = found.best_first()
             weight = posterior_weights(found.log_likelihood.double(), particle_ids=rows)
             poses = _record(poses, index, found, weight)
             terms = objective.data_terms(weighted_rows(batch, found, weight, identity))

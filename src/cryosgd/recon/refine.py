@@ -376,9 +376,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
                                      levels=_LEVELS, interp=settings.interp)
     candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (_LEVELS - 1))
-    order = candidates.log_likelihood.argsort(dim=1, descending=True)
-    candidates = Candidates(*(torch.take_along_dim(t, order.view(*order.shape, *[1] * (t.dim() - 2)), 1)
-                              for t in (candidates.rotations, candidates.shift_A, candidates.log_likelihood)))
+    candidates, order = candidates.best_first()
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
                                particle_ids=torch.as_tensor(batch.index))
     if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank
