@@ -67,6 +67,55 @@ def test_refinement_recovers_the_poses_and_the_map(dataset, refined, tmp_path):
     assert {"rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"} <= set(table.extra)
 
 
+def test_the_noise_sample_draws_from_every_optics_group():
+    """σ² is re-estimated from ``size`` images of each optics group (all of a smaller one),
+    drawn from the whole group, the same whatever the order of the other groups."""
+    from cryosgd.recon.refine import noise_sample
+    groups = np.array([0] * 25_000 + [1] * 30 + [2] * 9_000)[np.random.default_rng(0).permutation(34_030)]
+    sample = noise_sample(groups, size=4000)
+    assert np.bincount(groups[sample]).tolist() == [4000, 30, 4000]
+    chosen = np.flatnonzero(sample & (groups == 0))
+    assert np.abs(np.bincount(chosen % 2)[1] - 2000) < 150  # not every k-th: both ranks of two get a share
+    assert (np.flatnonzero(groups == 0)[-1] - chosen[-1]) < 100 and chosen[0] < np.flatnonzero(groups == 0)[100]
+    assert noise_sample(groups[:100], size=4000).all()
+
+
+def test_sigma2_comes_from_the_noise_sample_at_its_best_poses(dataset, monkeypatch):
+    """The residual power a search adds up for σ² is that of the sampled images (a third here)
+    at the poses it found, recomputed from each batch's images put at those poses."""
+    from cryosgd.conventions import map_to_ft
+    from cryosgd.data.stack import ImageStack
+    from cryosgd.fourier.grids import FourierGrid
+    from cryosgd.objective.loss import LeastSquares
+    from cryosgd.objective.noise import residual_power
+    from cryosgd.recon import refine as R
+    from cryosgd.recon.halves import HalfSet
+    from cryosgd.recon.settings import ReconstructionSettings, RefineSettings
+    star, truth = dataset
+    table = read_particles(star).subset(np.arange(300))
+    stack = ImageStack(table)
+    grid = FourierGrid.create(stack.box_px, table.pixel_A)
+    half = HalfSet(table, stack, grid, ReconstructionSettings(batch_size=70), half=1, dtype=torch.float64)
+    chosen = np.arange(len(table)) % 3 == 1
+    monkeypatch.setattr(R, "noise_sample", lambda groups: chosen)
+    reference = map_to_ft(torch.as_tensor(read_map(truth)[0], dtype=torch.float64))
+    shells = int(grid.shell_px.max()) + 1
+    plan = R._Plan(3, 10.0, 3.0, torch.ones(1, shells, dtype=torch.float64), None, RefineSettings(),
+                   torch.eye(3, dtype=torch.float64)[None], 50.0)
+    found = R._search_half(half, reference, plan, R._table_poses(half))
+    poses = found.table()
+    expected = 0.0
+    for batch in half.parts(None):
+        rows = np.flatnonzero(chosen[batch.index])
+        particles = torch.as_tensor(batch.index[rows])
+        at_best = batch.take(torch.as_tensor(rows)).with_poses(poses.rotations[particles, 0], poses.shift_A[particles, 0])
+        expected = expected + residual_power(LeastSquares(half.model, 0.0), reference, at_best, 1)[0]
+    torch.testing.assert_close(found.power, expected)
+    assert float(found.counts.sum()) == chosen.sum()
+    moved = R.geodesic_distance_deg(poses.rotations[:, 0], R._table_poses(half).rotations[:, 0])
+    assert float(moved.max()) > 0.1  # the search moved the poses: the residuals are at the found ones
+
+
 def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_path, monkeypatch):
     import cryosgd.recon.refine as refine
     star, truth = dataset

@@ -48,14 +48,16 @@ def test_global_search_finds_the_nearest_grid_pose_and_the_shift():
     assert (found.log_likelihood[:, :-1] >= found.log_likelihood[:, 1:]).all()
 
 
+@pytest.mark.parametrize("radius_A", [None, 60.0])  # 60 Å: the first level (4°) scores 11 of 15 shells
 @pytest.mark.parametrize("noise,levels,median_deg", [(0.05, 6, 0.3), (0.5, 4, 1.2)])
-def test_local_search_refines_poses_well_below_its_first_step(noise, levels, median_deg):
+def test_local_search_refines_poses_well_below_its_first_step(noise, levels, median_deg, radius_A):
     volume_ft, images, truth, shifts = _images(40, noise=noise, seed=1)
     g = torch.Generator().manual_seed(5)
     kick = torch.randn(40, 3, generator=g, dtype=torch.float64)
     kick = kick / kick.norm(dim=-1, keepdim=True) * math.radians(5.0)
     start = Candidates((truth @ exp_map(kick))[:, None], (shifts + 1.5)[:, None], torch.zeros(40, 1))
-    refined, sigma = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=levels)
+    refined, sigma = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=levels,
+                                  radius_A=radius_A)
     error = geodesic_distance_deg(refined.rotations[:, 0], truth)
     assert float(error.median()) < median_deg and float(error.max()) < 3.0
     assert float((refined.shift_A[:, 0] - shifts).norm(dim=-1).median()) < 0.2
@@ -65,6 +67,28 @@ def test_local_search_refines_poses_well_below_its_first_step(noise, levels, med
         assert 0.6 < ratio < 1.6, ratio
     before = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=0)[0].log_likelihood
     assert (refined.log_likelihood > before).all()
+
+
+def test_local_search_levels_score_the_band_their_step_resolves(monkeypatch):
+    """With the particle's radius R, a level of step h but the last scores |k| ≤ 1/(2Rh); the
+    last level and the final scores use the whole band."""
+    import cryosgd.pose.search as search
+    volume_ft, images, truth, shifts = _images(4, noise=0.1, seed=2)
+    seen = []
+
+    def recording(volume_ft, band_images, rotations, shifts, h, s, interp, centre_only=False):
+        seen.append((h, float(band_images.freq_invA.norm(dim=1).max()), band_images.images_ft.shape[1]))
+        return star_scores(volume_ft, band_images, rotations, shifts, h, s, interp, centre_only)
+
+    star_scores = search._star_scores
+    monkeypatch.setattr(search, "_star_scores", recording)
+    start = Candidates(truth[:, None], shifts[:, None], torch.zeros(4, 1))
+    local_search(volume_ft, images, start, step_deg=32.0, step_A=2.0, levels=3, radius_A=40.0)
+    whole = float(images.freq_invA.norm(dim=1).max())  # 15 shells of a 96 Å box
+    for h, reach, _ in seen[:2]:  # 32°, 16°: 2.2 and 4.3 shells
+        assert 1 / (2 * 40.0 * h) - 1 / (BOX * PIXEL_A) <= reach <= 1 / (2 * 40.0 * h)
+    assert seen[0][2] < seen[1][2] < seen[2][2] == seen[3][2] == images.images_ft.shape[1]
+    assert seen[2][1] == seen[3][1] == whole  # the last level (its curvature: the accuracy) and the final scores
 
 
 def test_global_search_with_origins_per_image_agrees_with_shared_origins():

@@ -52,6 +52,14 @@ class BandImages:
     def rows(self, index: slice | Tensor) -> BandImages:
         return BandImages(self.images_ft[index], self.ctf[index], self.weight[index], self.freq_px, self.freq_invA)
 
+    def within(self, freq_invA: float) -> BandImages:
+        """The frequencies with |k| ≤ ``freq_invA`` (Å⁻¹)."""
+        keep = self.freq_invA.norm(dim=1) <= freq_invA
+        if bool(keep.all()):
+            return self
+        return BandImages(self.images_ft[:, keep], self.ctf[:, keep], self.weight[:, keep], self.freq_px[keep],
+                          self.freq_invA[keep])
+
     @classmethod
     def of(cls, batch: Batch, grid: FourierGrid, band_px: float, sigma2: Tensor) -> BandImages:
         """A batch's images, CTFs and weights m_k/σ²_k (``sigma2 (G, shells)`` per optics group and
@@ -103,6 +111,10 @@ class Candidates:
 
         return Candidates(pick(self.rotations), pick(self.shift_A), pick(self.log_likelihood)), order
 
+    def first(self, rows: Tensor) -> Candidates:
+        """The first pose of each particle ``rows``."""
+        return Candidates(self.rotations[rows, :1], self.shift_A[rows, :1], self.log_likelihood[rows, :1])
+
 
 def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts_A: Tensor, *, top_k: int,
                   scale_profiled: bool = False, interp: Interp = "trilinear", chunk: int = 256) -> Candidates:
@@ -124,9 +136,17 @@ def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shif
 
 
 def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, step_deg: float, step_A: float,
-                 levels: int, interp: Interp = "trilinear", chunk: int = 256) -> tuple[Candidates, Tensor]:
+                 levels: int, radius_A: float | None = None, interp: Interp = "trilinear",
+                 chunk: int = 256) -> tuple[Candidates, Tensor]:
     """Refine every candidate pose by ``levels`` levels of the star search (module docstring),
-    from steps ``step_deg`` and ``step_A``, then score the refined poses.
+    from steps ``step_deg`` and ``step_A``, then score the refined poses on the whole band.
+
+    With ``radius_A`` (the particle's radius), every level but the last, of step h, scores only
+    the frequencies |k| ≤ 1 / (2 R h) (:func:`level_band_invA`): those whose phase at the
+    particle's edge turns by at most half a wave between the star's points. Beyond them the
+    scores oscillate on the scale of a step, and the parabola through three of them says
+    nothing about the peak; a coarse step sees the coarse band (cheaply). The last level scores
+    the whole band, so that its curvature, the accuracy returned, is the log-likelihood's.
 
     Returns:
         The refined :class:`Candidates` and ``(B, K)`` angular accuracy (degrees): the
@@ -140,14 +160,23 @@ def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, st
         rotations, shifts = start.rotations[rows], start.shift_A[rows]
         h, s = math.radians(step_deg), step_A
         sigma = torch.full(rotations.shape[:2], math.inf, dtype=images.ctf.dtype, device=rotations.device)
-        for _ in range(levels):
-            scores = _star_scores(volume_ft, part, rotations, shifts, h, s, interp)
+        for level_index in range(levels):
+            coarse = radius_A is not None and level_index < levels - 1
+            level = part.within(level_band_invA(h, radius_A)) if coarse else part
+            scores = _star_scores(volume_ft, level, rotations, shifts, h, s, interp)
             rotations, shifts, sigma = _move(rotations, shifts, scores, h, s)
             h, s = h / 2, s / 2
         final = _star_scores(volume_ft, part, rotations, shifts, 0.0, 0.0, interp, centre_only=True)
         parts.append((rotations, shifts, final[..., 0, 0], sigma))
     rotations, shifts, log_likelihood, sigma = (torch.cat(fields) for fields in zip(*parts))
     return Candidates(rotations, shifts, log_likelihood), sigma
+
+
+def level_band_invA(step_rad: float, radius_A: float) -> float:
+    """The band (Å⁻¹) a local-search level of step ``step_rad`` scores: a rotation by the step
+    moves a point of the particle (radius ``radius_A``) by at most R·h, which turns the phase of
+    frequency |k| by 2π|k|Rh; half a wave (π) at most: |k| ≤ 1/(2Rh), Crowther's d = D·h."""
+    return 1.0 / (2 * radius_A * step_rad)
 
 
 def _star_scores(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts: Tensor, h: float, s: float,

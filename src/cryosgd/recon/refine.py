@@ -32,6 +32,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ _LEVELS = 2  # local-search levels per iteration
 _GLOBAL_ITERATIONS = 2  # global searches: from the reference, then from the first map
 _GLOBAL_BAND_PX = 16.0  # the second global search's band, at most (its cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
+_NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,14 @@ class RefineInput:
     mask: Tensor  # [z, y, x] soft mask at the working box
     group: Tensor  # (G, 3, 3) symmetry operators
     files: tuple[Path, ...]
+
+    @cached_property
+    def radius_A(self) -> float:
+        """The particle's radius: the farthest voxel of the mask (above 1 %) from the box's centre (Å)."""
+        n = self.mask.shape[0]
+        axis = torch.arange(n, dtype=torch.float64) - n // 2
+        r = (axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2).sqrt()
+        return float(r[self.mask > 0.01].max()) * self.grid.work_pixel_A
 
     @classmethod
     def read(cls, star: str | Path, reference: str | Path, settings: RefineSettings,
@@ -236,6 +246,7 @@ class _Plan:
     grid: Tensor | None
     settings: RefineSettings
     group: Tensor
+    radius_A: float  # the particle's radius: the local search's coarse levels score the bands it allows
 
     @property
     def k(self) -> int:
@@ -259,13 +270,13 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
     device, dtype = halves[0].device, halves[0].dtype
     search_grid = symmetry_grid(settings.global_order, inputs.group.to(device, dtype)).matrices \
         if n <= _GLOBAL_ITERATIONS and not settings.local else None
-    plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group)
+    plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group, inputs.radius_A)
     references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
     # em updates use the frequencies within twice the band; sgd's keep the whole disc (later
     # iterations step from their states)
     radius = _update_radius(band, grid) if settings.update == "em" else grid.work_box_px / 2 - 1
     if settings.update == "sgd" and 1 < n and not last:
-        found = [_Found(len(h), plan.k, device, dtype) for h in halves]
+        found = [_Found.of(h, plan.k) for h in halves]
         stepped = [_sgd_update(h, s, x, plan, prev, f, inputs.mask) for h, s, x, prev, f in
                    zip(halves, state.halves, state.maps, state.poses, found)]
         maps, states = [s.x for s in stepped], stepped
@@ -321,13 +332,21 @@ def _next_band(curve: FSCCurve, grid: FourierGrid, settings: RefineSettings, ban
 
 class _Found:
     """Collects the poses found for this rank's particles of a half, and the residual power of
-    their best poses (for σ²); :meth:`table` adds up all ranks' shares."""
+    the best poses of its noise sample (``sample (n,)`` bool, for σ²); :meth:`table` adds up
+    all ranks' shares."""
 
-    def __init__(self, n: int, k: int, device, dtype):
-        self.n, self.k, self.device, self.dtype = n, k, device, dtype
+    def __init__(self, n: int, k: int, device, dtype, sample: np.ndarray, noise_shape: tuple[int, int]):
+        self.n, self.k, self.device, self.dtype, self.sample = n, k, device, dtype, sample
         self.parts: list[tuple[np.ndarray, Candidates, Tensor, Tensor]] = []
-        self.power = self.counts = 0.0
+        self.power = torch.zeros(noise_shape, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(noise_shape[0], dtype=torch.float64, device=device)
         self._table = None
+
+    @classmethod
+    def of(cls, half: HalfSet, k: int) -> _Found:
+        groups = half.table.optics_group
+        shells = int(half.grid.shell_px.max()) + 1
+        return cls(len(half), k, half.device, half.dtype, noise_sample(groups), (len(half.table.optics), shells))
 
     def put(self, index: np.ndarray, found: Candidates, weight: Tensor, sigma_deg: Tensor) -> None:
         self.parts.append((index, found, weight, sigma_deg))
@@ -348,7 +367,7 @@ class _Found:
 
 def _search_half(half: HalfSet, reference: Tensor, plan: _Plan, previous: PoseTable | None) -> _Found:
     """The poses of every particle of the half against ``reference`` (one pass)."""
-    found = _Found(len(half), plan.k, half.device, half.dtype)
+    found = _Found.of(half, plan.k)
     for batch in half.parts(None):
         _search_batch(half, batch, reference, plan, previous, found)
     return found
@@ -362,8 +381,8 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     images = BandImages.of(batch, half.grid, plan.band_px, plan.sigma2)
     rows_index = torch.as_tensor(batch.index, device=half.device)
     if plan.grid is not None and previous is None:  # the first search: the reference's greyscale is unknown
-        radius_A = settings.max_shift_A or 5 * half.grid.pixel_A
-        shifts = shift_grid(radius_A, pixel, dtype=half.dtype, device=half.device)
+        reach_A = settings.max_shift_A or 5 * half.grid.pixel_A
+        shifts = shift_grid(reach_A, pixel, dtype=half.dtype, device=half.device)
         start = global_search(reference, images, plan.grid, shifts, top_k=settings.top_k, scale_profiled=True,
                               interp=settings.interp)
     elif plan.grid is not None:  # once more with the first map, origins near the last ones, on a capped band
@@ -374,7 +393,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
         start = previous.candidates(rows_index, settings.local_k)
     step_A = pixel * plan.step_deg / angular_step_deg(settings.global_order)
     candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
-                                     levels=_LEVELS, interp=settings.interp)
+                                     levels=_LEVELS, radius_A=plan.radius_A, interp=settings.interp)
     candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (_LEVELS - 1))
     candidates, order = candidates.best_first()
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
@@ -382,11 +401,27 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank
         found.put(batch.index, candidates, weight, torch.take_along_dim(sigma, order, 1)[:, 0])
     rows = weighted_rows(batch, candidates, weight, plan.group)
-    best = weighted_rows(batch, candidates, torch.eye(1, weight.shape[1], dtype=weight.dtype,
-                                                    device=weight.device).expand_as(weight), plan.group[:1])
-    power, counts = residual_power(LeastSquares(half.model, 0.0), reference, best, len(half.table.optics))
-    found.power, found.counts = found.power + power, found.counts + counts
+    pick = torch.as_tensor(np.flatnonzero(found.sample[batch.index]), device=half.device)
+    if len(pick):
+        ones = torch.ones(len(pick), 1, dtype=weight.dtype, device=weight.device)
+        best = weighted_rows(batch.take(pick), candidates.first(pick), ones, plan.group[:1])
+        power, counts = residual_power(LeastSquares(half.model, 0.0), reference, best, len(half.table.optics))
+        found.power, found.counts = found.power + power, found.counts + counts
     return rows
+
+
+def noise_sample(groups: np.ndarray, size: int = _NOISE_IMAGES) -> np.ndarray:
+    """``(N,)`` bool: the images whose best-pose residuals re-estimate σ², ``size`` of each
+    optics group (all of a smaller one) drawn with a fixed seed, so that the sample does not
+    depend on how many processes share the particles. σ² per shell is a mean over thousands
+    of pixels per image: a few thousand images pin it, and the residual pass over all of them
+    would cost a tenth of an iteration."""
+    rng = np.random.default_rng(0)
+    sample = np.zeros(len(groups), dtype=bool)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        sample[rng.choice(members, min(size, len(members)), replace=False)] = True
+    return sample
 
 
 def _distinct(candidates: Candidates, step_deg: float, step_A: float) -> Candidates:
