@@ -108,7 +108,8 @@ def test_sigma2_comes_from_the_noise_sample_at_its_best_poses(dataset, monkeypat
     for batch in half.parts(None):
         rows = np.flatnonzero(chosen[batch.index])
         particles = torch.as_tensor(batch.index[rows])
-        at_best = batch.take(torch.as_tensor(rows)).with_poses(poses.rotations[particles, 0], poses.shift_A[particles, 0])
+        at_best = batch.take(torch.as_tensor(rows)).with_poses(poses.rotations[particles, 0],
+                                                               poses.shift_A[particles, 0])
         expected = expected + residual_power(LeastSquares(half.model, 0.0), reference, at_best, 1)[0]
     torch.testing.assert_close(found.power, expected)
     assert float(found.counts.sum()) == chosen.sum()

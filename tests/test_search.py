@@ -123,3 +123,14 @@ def test_star_scores_equal_the_log_likelihood_of_each_pose_computed_alone():
                     x = images.images_ft[b]
                     expected = 0.5 * (images.weight[b] * (x.abs() ** 2 - (x - model).abs() ** 2)).sum()
                     torch.testing.assert_close(scores[b, k, j, r], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_the_particle_radius_is_the_farthest_voxel_of_the_mask():
+    """A soft sphere of radius 10 with a 3-pixel cosine edge is above 1 % out to 12.8 pixels;
+    a mask off centre reaches as far as its farthest voxel."""
+    from cryosgd.fourier.maps import soft_sphere, support_radius_px
+    radius = support_radius_px(soft_sphere(32, 10.0, edge_px=3.0))
+    assert 12.5 <= radius <= 12.81
+    mask = torch.zeros(32, 32, 32)
+    mask[16, 16, 16] = mask[16, 16, 16 + 9] = mask[16 - 2, 16 + 3, 16] = 1.0
+    assert support_radius_px(mask) == 9.0

@@ -69,6 +69,14 @@ def soft_sphere(box_px: int, radius_px: float, edge_px: float = 5.0, dtype=torch
     return 0.5 + 0.5 * torch.cos(math.pi * t)
 
 
+def support_radius_px(mask: Tensor, threshold: float = 0.01) -> float:
+    """The distance from the box's centre of the farthest voxel of ``mask`` above ``threshold``."""
+    n = mask.shape[0]
+    axis = torch.arange(n, dtype=torch.float64, device=mask.device) - n // 2
+    r = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    return float(r[mask > threshold].max())
+
+
 def masked_ft(volume_ft: Tensor, mask: Tensor) -> Tensor:
     """The half-grid map of ``mask ×`` the real-space map of ``volume_ft`` (solvent flattening)."""
     n = mask.shape[0]

@@ -47,7 +47,7 @@ from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
 from cryosgd.fourier.fsc import FSCCurve, fsc
 from cryosgd.fourier.grids import FourierGrid, shell_index
-from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere
+from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere, support_radius_px
 from cryosgd.io.atomic import write_lines
 from cryosgd.io.checkpoint import load_resumable, save_checkpoint
 from cryosgd.io.mrc import read_map, write_map
@@ -111,10 +111,7 @@ class RefineInput:
     @cached_property
     def radius_A(self) -> float:
         """The particle's radius: the farthest voxel of the mask (above 1 %) from the box's centre (Å)."""
-        n = self.mask.shape[0]
-        axis = torch.arange(n, dtype=torch.float64) - n // 2
-        r = (axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2).sqrt()
-        return float(r[self.mask > 0.01].max()) * self.grid.work_pixel_A
+        return support_radius_px(self.mask) * self.grid.work_pixel_A
 
     @classmethod
     def read(cls, star: str | Path, reference: str | Path, settings: RefineSettings,
