@@ -5,9 +5,9 @@ Iteration n, for each half-set independently (docs/refinement.md):
 1. **Search** every particle against the half's masked map on a band of frequencies: at the
    first iteration a global search (RELION's HEALPix grid in the asymmetric unit × a shift grid,
    with scale-profiled scores since the reference's greyscale is unknown) keeping ``top_k``
-   poses; at the second, a global search again against the first map (origins within a pixel
-   of the last, the band capped at 16 Fourier pixels), which catches the particles the
-   low-resolution reference misassigned; then, at every iteration, local refinement of the kept poses
+   poses; at the second and third, a global search again against the last map (origins within
+   a pixel of the last, the band capped at 24 Fourier pixels), which catches the particles the
+   low-resolution reference and then the first map misassigned; then, at every iteration, local refinement of the kept poses
    (:func:`cryosgd.pose.search.local_search`, two levels from a step set by the particles'
    angular accuracy). Posterior weights over a particle's poses (a softmax of the
    log-likelihoods tempered by τ = 3, 2, then 1) make (image, pose) rows, one per symmetry mate.
@@ -72,8 +72,8 @@ OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc_iterations.csv",
            "checkpoint.pt")
 _TEMPERATURES = (3.0, 2.0)  # iterations 1 and 2; 1 from then on
 _LEVELS = 2  # local-search levels per iteration
-_GLOBAL_ITERATIONS = 2  # global searches: from the reference, then from the first map
-_GLOBAL_BAND_PX = 16.0  # the second global search's band, at most (its cost grows with the band's area)
+_GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the first and second maps
+_GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 
@@ -267,7 +267,9 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
     device, dtype = halves[0].device, halves[0].dtype
     search_grid = symmetry_grid(settings.global_order, inputs.group.to(device, dtype)).matrices \
         if n <= _GLOBAL_ITERATIONS and not settings.local else None
-    plan = _Plan(n, band, state.step_deg, state.sigma2, search_grid, settings, inputs.group, inputs.radius_A)
+    # poses from a grid need a local search that reaches across its cells, whatever the last accuracy
+    step = state.step_deg if search_grid is None else max(state.step_deg, angular_step_deg(settings.global_order) / 4)
+    plan = _Plan(n, band, step, state.sigma2, search_grid, settings, inputs.group, inputs.radius_A)
     references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
     # em updates use the frequencies within twice the band; sgd's keep the whole disc (later
     # iterations step from their states)
@@ -382,7 +384,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
         shifts = shift_grid(reach_A, pixel, dtype=half.dtype, device=half.device)
         start = global_search(reference, images, plan.grid, shifts, top_k=settings.top_k, scale_profiled=True,
                               interp=settings.interp)
-    elif plan.grid is not None:  # once more with the first map, origins near the last ones, on a capped band
+    elif plan.grid is not None:  # once more with the last map, origins near the last ones, on a capped band
         shifts = local_shift_grid(previous.shift_A[rows_index, 0], pixel)
         band = BandImages.of(batch, half.grid, min(plan.band_px, _GLOBAL_BAND_PX), plan.sigma2)
         start = global_search(reference, band, plan.grid, shifts, top_k=settings.local_k, interp=settings.interp)
