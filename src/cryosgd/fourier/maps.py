@@ -60,21 +60,22 @@ def low_pass(volume: Tensor, voxel_A: float, resolution_A: float, edge_shells: f
     return ft_to_map(low_pass_ft(map_to_ft(volume), n, voxel_A, resolution_A, edge_shells), n)
 
 
+def _centre_distance_px(box_px: int, dtype=torch.float64, device=None) -> Tensor:
+    """``[z, y, x]`` distance of every voxel from the box's centre (voxel n//2 on each axis)."""
+    axis = torch.arange(box_px, dtype=dtype, device=device) - box_px // 2
+    return torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+
+
 def soft_sphere(box_px: int, radius_px: float, edge_px: float = 5.0, dtype=torch.float64, device=None) -> Tensor:
     """A ``[z, y, x]`` mask: 1 within ``radius_px`` of the centre, a raised-cosine edge of
     ``edge_px`` beyond, 0 outside."""
-    axis = torch.arange(box_px, dtype=dtype, device=device) - box_px // 2
-    r = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
-    t = ((r - radius_px) / edge_px).clamp(0, 1)
+    t = ((_centre_distance_px(box_px, dtype, device) - radius_px) / edge_px).clamp(0, 1)
     return 0.5 + 0.5 * torch.cos(math.pi * t)
 
 
 def support_radius_px(mask: Tensor, threshold: float = 0.01) -> float:
     """The distance from the box's centre of the farthest voxel of ``mask`` above ``threshold``."""
-    n = mask.shape[0]
-    axis = torch.arange(n, dtype=torch.float64, device=mask.device) - n // 2
-    r = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
-    return float(r[mask > threshold].max())
+    return float(_centre_distance_px(mask.shape[0], device=mask.device)[mask > threshold].max())
 
 
 def masked_ft(volume_ft: Tensor, mask: Tensor) -> Tensor:

@@ -7,9 +7,10 @@ Iteration n, for each half-set independently (docs/refinement.md):
    with scale-profiled scores since the reference's greyscale is unknown) keeping ``top_k``
    poses; at the second and third, a global search again against the last map (origins within
    a pixel of the last, the band capped at 24 Fourier pixels), which catches the particles the
-   low-resolution reference and then the first map misassigned; then, at every iteration, local refinement of the kept poses
-   (:func:`cryosgd.pose.search.local_search`, two levels from a step set by the particles'
-   angular accuracy). Posterior weights over a particle's poses (a softmax of the
+   low-resolution reference and then the first map misassigned; then, at every iteration,
+   local refinement of the kept poses (:func:`cryosgd.pose.search.local_search`, two levels
+   from a step set by the particles' angular accuracy, at least a quarter of the grid's step
+   after a global search). Posterior weights over a particle's poses (a softmax of the
    log-likelihoods tempered by τ = 3, 2, then 1) make (image, pose) rows, one per symmetry mate.
 2. **Update** each half's map from its rows: ``em`` (the default) is one pass — b, diag(H) and
    H·1 of the weighted rows, the Wiener prior from the FSC of the two one-pass maps, the
