@@ -69,6 +69,31 @@ def test_local_search_refines_poses_well_below_its_first_step(noise, levels, med
     assert (refined.log_likelihood > before).all()
 
 
+def test_local_search_refines_only_the_live_candidates(monkeypatch):
+    """Candidates marked dead keep their poses with log-likelihood −inf, unsearched; the live
+    ones end exactly where a search of all candidates puts them."""
+    import cryosgd.pose.search as search
+    volume_ft, images, truth, shifts = _images(12, noise=0.3, seed=2)
+    g = torch.Generator().manual_seed(7)
+    kicks = torch.randn(12, 2, 3, generator=g, dtype=torch.float64) * math.radians(3.0)
+    start = Candidates(truth[:, None] @ exp_map(kicks), shifts[:, None].expand(12, 2, 2).clone(), torch.zeros(12, 2))
+    live = torch.ones(12, 2, dtype=torch.bool)
+    live[::3, 1] = False
+    every, every_sigma = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=2)
+    scored = []
+    real_star_scores = search._star_scores
+    monkeypatch.setattr(search, "_star_scores", lambda v, images, rotations, *a, **k: scored.append(
+        rotations.shape[0] * rotations.shape[1]) or real_star_scores(v, images, rotations, *a, **k))
+    some, some_sigma = local_search(volume_ft, images, start, step_deg=4.0, step_A=2.0, levels=2, live=live)
+    assert sum(scored) == 3 * int(live.sum())  # two levels and the final score, of live candidates only
+    torch.testing.assert_close(some.rotations[live], every.rotations[live])
+    torch.testing.assert_close(some.log_likelihood[live], every.log_likelihood[live])
+    torch.testing.assert_close(some_sigma[live], every_sigma[live])
+    assert torch.equal(some.rotations[~live], start.rotations[~live]) and torch.equal(some.shift_A[~live],
+                                                                                     start.shift_A[~live])
+    assert bool((some.log_likelihood[~live] == -torch.inf).all()) and bool((some_sigma[~live] == math.inf).all())
+
+
 def test_local_search_levels_score_the_band_their_step_resolves(monkeypatch):
     """With the particle's radius R, a level of step h but the last scores |k| ≤ 1/(2Rh); the
     last level and the final scores use the whole band."""

@@ -136,10 +136,13 @@ def global_search(volume_ft: Tensor, images: BandImages, rotations: Tensor, shif
 
 
 def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, step_deg: float, step_A: float,
-                 levels: int, radius_A: float | None = None, interp: Interp = "trilinear",
-                 chunk: int = 256) -> tuple[Candidates, Tensor]:
+                 levels: int, radius_A: float | None = None, live: Tensor | None = None,
+                 interp: Interp = "trilinear", chunk: int = 256) -> tuple[Candidates, Tensor]:
     """Refine every candidate pose by ``levels`` levels of the star search (module docstring),
     from steps ``step_deg`` and ``step_A``, then score the refined poses on the whole band.
+    With ``live (B, K)`` bool, only those candidates are refined; the others keep their poses
+    with log-likelihood −inf and accuracy ``inf`` (they had no posterior weight: searching
+    them would cost as much as a live one, for nothing).
 
     With ``radius_A`` (the particle's radius), every level but the last, of step h, scores only
     the frequencies |k| ≤ 1 / (2 R h) (:func:`level_band_invA`): those whose phase at the
@@ -153,6 +156,20 @@ def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, st
         posterior standard deviation of the rotation from the last level's curvature
         (``inf`` where the scores were not concave).
     """
+    if live is not None and not bool(live.all()):
+        image, k = live.nonzero(as_tuple=True)
+        some = Candidates(start.rotations[image, k, None], start.shift_A[image, k, None],
+                          start.log_likelihood[image, k, None])
+        found, sigma = local_search(volume_ft, images.rows(image), some, step_deg=step_deg, step_A=step_A,
+                                    levels=levels, radius_A=radius_A, interp=interp, chunk=chunk)
+        every = Candidates(start.rotations.clone(), start.shift_A.clone(),
+                           found.log_likelihood.new_full(live.shape, -torch.inf))
+        for target, value in zip((every.rotations, every.shift_A, every.log_likelihood),
+                                 (found.rotations, found.shift_A, found.log_likelihood)):
+            target[image, k] = value[:, 0].to(target.dtype)
+        accuracy = torch.full(live.shape, math.inf, dtype=sigma.dtype, device=sigma.device)
+        accuracy[image, k] = sigma[:, 0]
+        return every, accuracy
     parts = []
     for begin in range(0, len(images), chunk):
         rows = slice(begin, begin + chunk)

@@ -380,6 +380,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     settings, pixel = plan.settings, half.grid.work_pixel_A
     images = BandImages.of(batch, half.grid, plan.band_px, plan.sigma2)
     rows_index = torch.as_tensor(batch.index, device=half.device)
+    live = None  # the candidates to refine: all, but for the last poses without posterior weight
     if plan.grid is not None and previous is None:  # the first search: the reference's greyscale is unknown
         reach_A = settings.max_shift_A or 5 * half.grid.pixel_A
         shifts = shift_grid(reach_A, pixel, dtype=half.dtype, device=half.device)
@@ -391,9 +392,11 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
         start = global_search(reference, band, plan.grid, shifts, top_k=settings.local_k, interp=settings.interp)
     else:
         start = previous.candidates(rows_index, settings.local_k)
+        live = previous.weight[rows_index, :start.rotations.shape[1]] > 0
     step_A = pixel * plan.step_deg / angular_step_deg(settings.global_order)
     candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
-                                     levels=_LEVELS, radius_A=plan.radius_A, interp=settings.interp)
+                                     levels=_LEVELS, radius_A=plan.radius_A, interp=settings.interp,
+                                     live=live)
     candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (_LEVELS - 1))
     candidates, order = candidates.best_first()
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
