@@ -10,8 +10,9 @@ Iteration n, for each half-set independently (docs/refinement.md):
    low-resolution reference and then the first map misassigned; then, at every iteration,
    local refinement of the kept poses (:func:`cryosgd.pose.search.local_search`: after a
    global search, two levels from a quarter of the grid's step or the particles' angular
-   accuracy σ if larger; in the other iterations one level of step 2σ). Posterior weights over a particle's poses (a softmax of the
-   log-likelihoods tempered by τ = 3, 2, then 1) make (image, pose) rows, one per symmetry mate.
+   accuracy σ if larger; in the other iterations one level of step 2σ). Posterior weights
+   over a particle's poses (a softmax of the log-likelihoods tempered by τ = 3, 2, then 1)
+   make (image, pose) rows, one per symmetry mate.
 2. **Update** each half's map from its rows: ``em`` (the default) is one pass — b, diag(H) and
    H·1 of the weighted rows, the Wiener prior from the FSC of the two one-pass maps, the
    one-pass map (RELION's scheme); ``sgd`` runs one epoch of preconditioned SGD from the last
@@ -88,7 +89,7 @@ class RefineState:
     poses: tuple[PoseTable, PoseTable] | None
     sigma2: Tensor  # (G, shells): the noise spectrum the next search weighs by
     band_px: float  # the next search's band
-    step_deg: float  # the particles' accuracy σ (median), which sets the next local search's step
+    step_deg: float  # the particles' median accuracy σ (≥ 0.1°, ≤ the last step): sets the next step
     fsc_mean: float  # the mean half-map FSC after the iteration
     stalled: int  # iterations in a row that raised it by less than _STALLED
     done: bool  # the last iteration (at Nyquist) is done
