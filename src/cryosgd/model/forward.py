@@ -20,7 +20,7 @@ from torch import Tensor
 from cryosgd.data.batch import Batch
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import Interp, extract, insert_many
-from cryosgd.model.ctf import ctf_formula
+from cryosgd.model.ctf import ctf_values
 
 
 def _phase(freq_px: Tensor, step_invA: float, shift_A: Tensor) -> Tensor:
@@ -80,8 +80,7 @@ class ForwardModel:
 
         def evaluate() -> Tensor:
             freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
-            columns = batch.ctf.to(dtype=torch.float64).columns()
-            return ctf_formula(*(c[:, None] for c in columns), freq_invA[:, 0], freq_invA[:, 1])
+            return ctf_values(batch.ctf.to(dtype=torch.float64), freq_invA)
 
         return batch.derived(("ctf", self.grid), batch.ctf.columns(), evaluate)
 
