@@ -11,7 +11,7 @@ from cryosgd.conventions import euler_to_matrix, map_to_ft, slice_points
 from cryosgd.data.batch import Batch, CTFParams
 from cryosgd.fourier import slice as kernels
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.fourier.slice import extract, insert, insert_many, stencil
+from cryosgd.fourier.slice import extract, extract_many, insert, insert_many, stencil
 from cryosgd.model.forward import ForwardModel
 from cryosgd.sim.phantom import blob_phantom
 
@@ -46,7 +46,9 @@ def _adjoint_mismatch(interp, seed=0):
 
 
 @pytest.mark.parametrize("interp", INTERPS)
-def test_insert_is_exact_adjoint_of_extract_in_float64(interp):
+@pytest.mark.parametrize("use_native", ["1", "0"])  # the C scatter (where there is a compiler), PyTorch's
+def test_insert_is_exact_adjoint_of_extract_in_float64(interp, use_native, monkeypatch):
+    monkeypatch.setenv("CRYOSGD_NATIVE", use_native)
     assert _adjoint_mismatch(interp) < 1e-10
 
 
@@ -55,17 +57,18 @@ def compiled_kernels(monkeypatch):
     """The slice kernels compiled at their first call, in fresh wrappers that the test leaves behind.
 
     Call the returned function after the kernels ran: it skips the test where torch.compile
-    cannot work (the kernels then fell back to eager).
+    cannot work (the kernels then fell back to eager). On the CPU the scatter is the native
+    kernel, or PyTorch's eager one where there is none (its compiled form is for CUDA).
     """
     monkeypatch.setenv("CRYOSGD_COMPILE", "1")
     fresh = {}
     for name in ("_extract_kernel", "_insert_kernel"):
         tiered = getattr(kernels, name)
-        fresh[name] = maybe_compile(tiered.eager_fn, tiered.compile_fn)
+        fresh[name] = maybe_compile(tiered.eager_fn, tiered.compile_fn, on_cpu=tiered.on_cpu)
         monkeypatch.setattr(kernels, name, fresh[name])
 
     def skip_unless_compiled():
-        if any(k.compiled is None for k in fresh.values()):
+        if fresh["_extract_kernel"].compiled is None:
             pytest.skip("torch.compile does not work here")
     return skip_unless_compiled
 
@@ -169,6 +172,17 @@ def test_extract_reads_the_stencil_voxels_conjugated_where_flipped(interp):
 
 
 @pytest.mark.parametrize("interp", INTERPS)
+def test_extract_many_equals_one_extract_per_map(interp, monkeypatch):
+    grid, rot, freq, g = _setup(seed=8)
+    maps = _crandn(3, *grid.volume_shape, g=g)
+    monkeypatch.setattr(kernels, "_EAGER_CHUNK_POINTS", 6 * len(freq))  # chunks of 2 images of 3 channels
+    got = extract_many(maps, rot, freq, interp)
+    assert got.shape == (3, rot.shape[0], freq.shape[0])
+    for value, volume_ft in zip(got, maps):
+        torch.testing.assert_close(value, extract(volume_ft, rot, freq, interp), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("interp", INTERPS)
 def test_chunks_of_images_give_the_same_slices_and_maps(interp, monkeypatch):
     grid, rot, freq, g = _setup(seed=9)
     x = _crandn(*grid.volume_shape, g=g)
@@ -176,6 +190,7 @@ def test_chunks_of_images_give_the_same_slices_and_maps(interp, monkeypatch):
     c2 = torch.rand(rot.shape[0], freq.shape[0], generator=g, dtype=torch.float64)
     def run():
         return extract(x, rot, freq, interp), *insert_many(y, c2, rot, freq, grid.volume_shape, interp, (1, 2))
+    monkeypatch.setenv("CRYOSGD_NATIVE", "0")  # PyTorch's scatter, which works in chunks
     whole = run()
     monkeypatch.setattr(kernels, "_EAGER_CHUNK_POINTS", 2 * len(freq))  # chunks of 2 images, of 3 in insert_many
     monkeypatch.setattr(kernels, "_SCATTER_CHUNK_POINTS", 3 * len(freq))

@@ -2,8 +2,9 @@
 
 ``extract`` samples an rfft half-grid map ``(n, n, n // 2 + 1)`` at the central-slice
 points ``Aᵀ (kx, ky, 0)`` of a batch of rotations, by trilinear or nearest-neighbour
-interpolation on the periodic grid. Points with ``qx < 0`` are read at ``−q`` and
-conjugated (Hermitian symmetry of a real map), so only stored voxels are touched.
+interpolation on the periodic grid (``extract_many``: several maps from one stencil). Points
+with ``qx < 0`` are read at ``−q`` and conjugated (Hermitian symmetry of a real map), so only
+stored voxels are touched.
 ``insert`` is the exact adjoint of ``extract`` for the real inner product
 ``⟨a, b⟩ = Re Σ conj(a) b`` on both sides: it scatters each value, conjugated where the
 point was flipped, with the same interpolation weights (back-projection).
@@ -22,8 +23,12 @@ grid.
 
 Each kernel has two formulations of the same arithmetic, run by
 :func:`cryosgd.compiled.maybe_compile`: eager PyTorch runs a vectorised one (the 8 corners
-of every point as an ``(8, points)`` index by broadcasting, one gather or one scatter per
-real channel), ``torch.compile`` one written corner by corner, which it fuses into one loop.
+of every point as an ``(8, points)`` index by broadcasting; extraction gathers each corner's
+(real, imaginary) values of every map side by side, insertion scatters each real channel on
+its own), ``torch.compile`` one written corner by corner, which it fuses into one loop. On
+the CPU, insertion runs instead the C kernel of :mod:`cryosgd.fourier.native` where a C compiler
+is present (4× the eager scatter; inductor's CPU scatter, with float atomics, is no faster
+than eager).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 from cryosgd.compiled import maybe_compile
+from cryosgd.fourier import native
 from cryosgd.conventions import slice_points
 
 Interp = Literal["trilinear", "nearest"]
@@ -145,20 +151,21 @@ def stencil(points: Tensor, shape: tuple[int, int, int], interp: Interp) -> tupl
 
 
 def _extract_vectorised(centred_ri: Tensor, rotations: Tensor, freq_px: Tensor, interp: Interp) -> Tensor:
-    """Kernel on real views: ``(n + 1, n + 1, nh, 2)`` centred map → ``(B, P, 2)`` (real, imaginary) values."""
-    n = centred_ri.shape[0] - 1
-    real, imag = centred_ri[..., 0].reshape(-1), centred_ri[..., 1].reshape(-1)
-    out = centred_ri.new_empty(rotations.shape[0], freq_px.shape[0], 2)
-    chunk = _chunk_images(freq_px, _EAGER_CHUNK_POINTS)
+    """Kernel on real views: ``(n + 1, n + 1, nh, C, 2)`` centred maps → ``(B, P, C, 2)`` (real,
+    imaginary) values of each of the C maps."""
+    n, channels = centred_ri.shape[0] - 1, centred_ri.shape[3]
+    flat = centred_ri.reshape(-1, channels, 2)
+    out = centred_ri.new_empty(rotations.shape[0], freq_px.shape[0], channels, 2)
+    chunk = _chunk_images(freq_px, _EAGER_CHUNK_POINTS // channels)
     for start in range(0, rotations.shape[0], chunk):
         index, weight, sign = _stencil_flat(_axis_points(rotations[start:start + chunk], freq_px), n, interp)
-        index = index.reshape(-1)
-        value_re, value_im = real.index_select(0, index), imag.index_select(0, index)
+        values = flat.index_select(0, index.reshape(-1)).view(*index.shape, channels, 2)
         if weight is not None:
-            value_re = (weight * value_re.view(8, -1)).sum(0)
-            value_im = (weight * value_im.view(8, -1)).sum(0)
-        out[start:start + chunk, :, 0] = value_re.view(-1, freq_px.shape[0])
-        out[start:start + chunk, :, 1] = (value_im * sign).view(-1, freq_px.shape[0])
+            values = (weight[..., None, None] * values).sum(0)
+        else:
+            values = values[0]
+        values[..., 1] *= sign[:, None]
+        out[start:start + chunk] = values.view(-1, freq_px.shape[0], channels, 2)
     return out
 
 
@@ -173,16 +180,16 @@ def _extract_corners(centred_ri: Tensor, rotations: Tensor, freq_px: Tensor, int
 
     Compiled, it runs about 1.7x faster than the compiled vectorised form (no (8, B · P) buffers).
     """
-    n = centred_ri.shape[0] - 1
+    n, channels = centred_ri.shape[0] - 1, centred_ri.shape[3]
     base, frac, sign = _base_corner(slice_points(rotations, freq_px).movedim(-1, 0), n, interp)
-    real, imag = centred_ri[..., 0].reshape(-1), centred_ri[..., 1].reshape(-1)
+    flat = centred_ri.reshape(-1, channels, 2)
+    flip = torch.stack([torch.ones_like(sign), sign], -1)[..., None, :]  # (B, P, 1, 2)
     if interp == "nearest":
-        return torch.stack([real[base], imag[base] * sign], -1)
-    value_re = value_im = 0.0
+        return flat[base] * flip
+    value = 0.0
     for offset, w in zip(_corner_offsets(n), _corner_weights(frac)):
-        value_re = value_re + w * real[base + offset]
-        value_im = value_im + w * imag[base + offset]
-    return torch.stack([value_re, value_im * sign], -1)
+        value = value + w[..., None, None] * flat[base + offset]
+    return value * flip
 
 
 def _insert_vectorised(out: Tensor, channels: tuple[Tensor, ...], rotations: Tensor, freq_px: Tensor, n: int,
@@ -224,7 +231,7 @@ def _insert_corners(out: Tensor, channels: tuple[Tensor, ...], rotations: Tensor
 
 
 _extract_kernel = maybe_compile(_extract_vectorised, _extract_corners)
-_insert_kernel = maybe_compile(_insert_vectorised, _insert_corners, on_cpu=False)  # no faster compiled on CPU
+_insert_kernel = maybe_compile(_insert_vectorised, _insert_corners, on_cpu=False)  # the CPU's is native.scatter
 
 
 def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Interp = "trilinear") -> Tensor:
@@ -240,8 +247,14 @@ def extract(volume_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Inter
         ``(B, P)`` complex slice values. Differentiable in ``volume_ft``; its autograd
         gradient is :func:`insert`.
     """
-    centred = _centre(torch.view_as_real(volume_ft))
-    return torch.view_as_complex(_extract_kernel(centred, rotations, freq_px, interp))
+    return extract_many(volume_ft[None], rotations, freq_px, interp)[0]
+
+
+def extract_many(volumes_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp: Interp = "trilinear") -> Tensor:
+    """:func:`extract` of ``(C, n, n, nh)`` maps at once → ``(C, B, P)``: one stencil per point
+    for all C maps, whose values it reads side by side (channel-last)."""
+    centred = _centre(torch.view_as_real(volumes_ft).movedim(0, -2))
+    return torch.view_as_complex(_extract_kernel(centred, rotations, freq_px, interp)).movedim(-1, 0)
 
 
 def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
@@ -278,10 +291,14 @@ def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, f
         scatter_powers += list(powers)
     n, _, nh = shape
     out = channels[0].new_zeros(len(channels), (n + 1) * (n + 1) * nh)
-    chunk = _chunk_images(freq_px, _SCATTER_CHUNK_POINTS)
-    for start in range(0, len(rotations), chunk):
-        _insert_kernel(out, tuple(c[start:start + chunk] for c in channels), rotations[start:start + chunk], freq_px,
-                       n, interp, tuple(conjugate), tuple(scatter_powers))
+    if native.available(out, tuple(scatter_powers)):
+        native.scatter(out, torch.stack(channels), rotations, freq_px, n, interp == "nearest", tuple(conjugate),
+                       tuple(scatter_powers))
+    else:
+        chunk = _chunk_images(freq_px, _SCATTER_CHUNK_POINTS)
+        for start in range(0, len(rotations), chunk):
+            _insert_kernel(out, tuple(c[start:start + chunk] for c in channels), rotations[start:start + chunk],
+                           freq_px, n, interp, tuple(conjugate), tuple(scatter_powers))
     out = _fold(out.reshape(-1, n + 1, n + 1, nh), n)
     complex_channels = 0 if values is None else 2 * len(values)
     maps = None if values is None else torch.view_as_complex(
