@@ -50,7 +50,7 @@ class CTFParams:
         return CTFParams(*(c.to(device=device, dtype=dtype) for c in self.columns()))
 
     def columns(self) -> tuple[Tensor, ...]:
-        """The ``(B,)`` parameters in field order (that of :func:`cryosgd.model.ctf.ctf_formula`)."""
+        """The ``(B,)`` parameters in field order."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
     def take(self, rows: Tensor) -> CTFParams:

@@ -16,7 +16,6 @@ import math
 import torch
 from torch import Tensor
 
-from cryosgd.compiled import maybe_compile
 from cryosgd.data.batch import CTFParams
 
 
@@ -27,31 +26,32 @@ def electron_wavelength_A(voltage_kV: Tensor) -> Tensor:
 
 
 def ctf_values(params: CTFParams, freq_invA: Tensor) -> Tensor:
-    """``(B, P)`` real CTF values of ``params`` at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹."""
-    return _ctf_fast(*(c[:, None] for c in params.columns()), freq_invA[:, 0], freq_invA[:, 1])
+    """``(B, P)`` real CTF values of ``params`` at ``(P, 2)`` frequencies ``(kx, ky)`` in Å⁻¹.
 
-
-def ctf_formula(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
-                phase_shift_deg, bfactor_A2, scale, kx, ky) -> Tensor:
-    """The formula of the module docstring; parameters ``(B, 1)``, frequencies ``(P,)``.
-
-    cos 2(φ − φ_ast) is expanded as cos 2φ cos 2φ_ast + sin 2φ sin 2φ_ast, with cos 2φ and sin 2φ
-    from (kx, ky) per frequency (φ = atan2(ky, kx), 0 at k = 0): no angle per (particle,
-    frequency), a third of the work of the direct form.
+    χ is linear in four functions of the frequency, ``s², s² cos 2φ, s² sin 2φ, s⁴`` (with
+    cos 2(φ − φ_ast) = cos 2φ cos 2φ_ast + sin 2φ sin 2φ_ast, and cos 2φ, sin 2φ from (kx, ky),
+    1 and 0 at k = 0), with per-particle coefficients: χ for all particles is one ``(B, 4) ×
+    (4, P)`` matrix product, and the CTF one sine and one product over ``(B, P)`` (the envelope
+    one exponential more, where a B-factor is not 0). Compute in float64: χ reaches hundreds
+    of radians.
     """
+    kx, ky = freq_invA[:, 0], freq_invA[:, 1]
     s2 = kx**2 + ky**2
     safe = torch.where(s2 > 0, s2, torch.ones_like(s2))
     cos_2phi = torch.where(s2 > 0, (kx**2 - ky**2) / safe, torch.ones_like(s2))
     sin_2phi = torch.where(s2 > 0, 2 * kx * ky / safe, torch.zeros_like(s2))
-    lam = electron_wavelength_A(voltage_kV)
-    mean = (defocus_u_A + defocus_v_A) / 2
-    half_diff = (defocus_u_A - defocus_v_A) / 2
-    angle = 2 * torch.deg2rad(defocus_angle_deg)
-    defocus = -(mean + half_diff * (cos_2phi * torch.cos(angle) + sin_2phi * torch.sin(angle)))
-    q0 = amplitude_contrast
-    chi = (math.pi * lam * defocus * s2 + (math.pi / 2) * cs_mm * 1e7 * lam**3 * s2**2
-           - torch.deg2rad(phase_shift_deg) - torch.atan(q0 / torch.sqrt(1 - q0**2)))
-    return -torch.sin(chi) * scale * torch.exp(-bfactor_A2 * s2 / 4)
-
-
-_ctf_fast = maybe_compile(ctf_formula)
+    basis = torch.stack([s2, s2 * cos_2phi, s2 * sin_2phi, s2**2])  # (4, P)
+    lam = electron_wavelength_A(params.voltage_kV)
+    mean = (params.defocus_u_A + params.defocus_v_A) / 2
+    half_diff = (params.defocus_u_A - params.defocus_v_A) / 2
+    angle = 2 * torch.deg2rad(params.defocus_angle_deg)
+    coefficients = torch.stack([-math.pi * lam * mean, -math.pi * lam * half_diff * torch.cos(angle),
+                                -math.pi * lam * half_diff * torch.sin(angle),
+                                (math.pi / 2) * params.cs_mm * 1e7 * lam**3], 1).to(basis.dtype)  # (B, 4)
+    q0 = params.amplitude_contrast
+    offset = -torch.deg2rad(params.phase_shift_deg) - torch.atan(q0 / torch.sqrt(1 - q0**2))
+    ctf = torch.addmm(offset.to(basis.dtype)[:, None], coefficients, basis).sin_()
+    ctf.mul_(-params.scale.to(basis.dtype)[:, None])
+    if bool((params.bfactor_A2 != 0).any()):
+        ctf.mul_(torch.exp(-params.bfactor_A2.to(basis.dtype)[:, None] * s2 / 4))
+    return ctf
