@@ -1,4 +1,4 @@
-"""The native CPU back-projection kernel (cryosgd.fourier.native) against PyTorch's."""
+"""The native CPU slice kernels (cryosgd.fourier.native) against PyTorch's."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import torch
 from cryosgd.fourier import native
 from cryosgd.fourier import slice as kernels
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.fourier.slice import insert_many
+from cryosgd.fourier.slice import extract_many, insert_many
 from cryosgd.pose.so3 import random_rotations
 
 pytestmark = pytest.mark.skipif(not native.available(torch.zeros(1), (1, 2)), reason="no C compiler here")
@@ -23,15 +23,34 @@ def _problem(dtype, n=24, images=40, seed=0):
     return grid, values, curvature, random_rotations(images, g).to(dtype), grid.freq_px.to(dtype)
 
 
-def _insert(monkeypatch, use_native: bool, dtype, interp, threads=2):
+def _run(monkeypatch, use_native: bool, threads: int, kernel):
     monkeypatch.setenv("CRYOSGD_NATIVE", "1" if use_native else "0")
-    grid, values, curvature, rotations, freq = _problem(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return insert_many(values, curvature, rotations, freq, grid.volume_shape, interp, (2, 1))
+        return kernel()
     finally:
         torch.set_num_threads(before)
+
+
+def _insert(monkeypatch, use_native: bool, dtype, interp, threads=2):
+    grid, values, curvature, rotations, freq = _problem(dtype)
+    return _run(monkeypatch, use_native, threads, lambda: insert_many(values, curvature, rotations, freq,
+                                                                      grid.volume_shape, interp, (2, 1)))
+
+
+def _extract(monkeypatch, use_native: bool, dtype, interp, threads=2):
+    grid, values, _, rotations, freq = _problem(dtype, seed=1)
+    maps = torch.randn(3, *grid.volume_shape, dtype=values.dtype, generator=torch.Generator().manual_seed(2))
+    return _run(monkeypatch, use_native, threads, lambda: extract_many(maps, rotations, freq, interp))
+
+
+@pytest.mark.parametrize("interp", ["trilinear", "nearest"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_native_slices_equal_pytorch(monkeypatch, interp, dtype, tolerance):
+    """Three maps at once; imaginary parts conjugated where the point is read at −q."""
+    got, expected = _extract(monkeypatch, True, dtype, interp), _extract(monkeypatch, False, dtype, interp)
+    assert float((got - expected).abs().max() / expected.abs().max()) < tolerance
 
 
 @pytest.mark.parametrize("interp", ["trilinear", "nearest"])
@@ -43,24 +62,32 @@ def test_native_back_projection_equals_pytorch(monkeypatch, interp, dtype, toler
         assert float((got - expected).abs().max() / scale) < tolerance
 
 
-def test_native_back_projection_is_reproducible_and_threads_agree(monkeypatch):
+def test_native_kernels_are_reproducible_and_threads_agree(monkeypatch):
     monkeypatch.setattr(native, "_SPLIT_POINTS", 1000)  # several threads even for this small problem
-    one = _insert(monkeypatch, True, torch.float64, "trilinear", threads=1)
-    two = _insert(monkeypatch, True, torch.float64, "trilinear", threads=3)
-    again = _insert(monkeypatch, True, torch.float64, "trilinear", threads=3)
-    for a, b, c in zip(one, two, again):
-        assert torch.equal(b, c)
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13 * float(a.abs().max()))
+    for kernel in (_insert, _extract):
+        one = kernel(monkeypatch, True, torch.float64, "trilinear", threads=1)
+        two = kernel(monkeypatch, True, torch.float64, "trilinear", threads=3)
+        again = kernel(monkeypatch, True, torch.float64, "trilinear", threads=3)
+        for a, b, c in zip(one, two, again):
+            assert torch.equal(b, c)
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13 * float(a.abs().max()))
 
 
-def test_without_native_the_pytorch_kernel_back_projects(monkeypatch):
+def test_without_native_or_for_autograd_the_pytorch_kernels_run(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "_insert_kernel", lambda *args: calls.append(1) or kernels._insert_vectorised(*args))
+    monkeypatch.setattr(kernels, "_extract_kernel", lambda *a: calls.append(2) or kernels._extract_vectorised(*a))
     _insert(monkeypatch, False, torch.float64, "trilinear")
-    assert calls
+    _extract(monkeypatch, False, torch.float64, "trilinear")
+    assert calls == [1, 2]
     calls.clear()
     _insert(monkeypatch, True, torch.float64, "trilinear")
+    _extract(monkeypatch, True, torch.float64, "trilinear")
     assert not calls
+    grid, _, _, rotations, freq = _problem(torch.float64)
+    volume_ft = torch.randn(grid.volume_shape, dtype=torch.complex128, requires_grad=True)
+    extract_many(volume_ft[None], rotations, freq).abs().sum().backward()
+    assert calls == [2] and volume_ft.grad.abs().sum() > 0
 
 
 def test_a_failing_build_warns_once_and_pytorch_takes_over(monkeypatch, tmp_path):
@@ -68,7 +95,7 @@ def test_a_failing_build_warns_once_and_pytorch_takes_over(monkeypatch, tmp_path
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     native._library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="scatter.c"):
+        with pytest.warns(RuntimeWarning, match="trilinear.c"):
             assert not native.available(torch.zeros(1), (1,))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -78,9 +105,10 @@ def test_a_failing_build_warns_once_and_pytorch_takes_over(monkeypatch, tmp_path
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert not native.available(torch.zeros(1), (1,))  # no compiler: silently PyTorch
-        got = _insert(monkeypatch, True, torch.float64, "trilinear")
-        expected = _insert(monkeypatch, False, torch.float64, "trilinear")
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        for kernel in (_insert, _extract):
+            got = kernel(monkeypatch, True, torch.float64, "trilinear")
+            expected = kernel(monkeypatch, False, torch.float64, "trilinear")
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     finally:
         native._library.cache_clear()

@@ -57,10 +57,11 @@ def compiled_kernels(monkeypatch):
     """The slice kernels compiled at their first call, in fresh wrappers that the test leaves behind.
 
     Call the returned function after the kernels ran: it skips the test where torch.compile
-    cannot work (the kernels then fell back to eager). On the CPU the scatter is the native
-    kernel, or PyTorch's eager one where there is none (its compiled form is for CUDA).
+    cannot work (the kernels then fell back to eager). PyTorch's kernels, not the native ones;
+    on the CPU the scatter stays eager (its compiled form is for CUDA).
     """
     monkeypatch.setenv("CRYOSGD_COMPILE", "1")
+    monkeypatch.setenv("CRYOSGD_NATIVE", "0")
     fresh = {}
     for name in ("_extract_kernel", "_insert_kernel"):
         tiered = getattr(kernels, name)

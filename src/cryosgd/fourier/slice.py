@@ -88,6 +88,12 @@ def _axis_points(rotations: Tensor, freq_px: Tensor) -> Tensor:
     return (freq_px[:, 0] * row0 + freq_px[:, 1] * row1).reshape(3, -1)
 
 
+def _nearest(interp: Interp) -> bool:
+    if interp not in ("trilinear", "nearest"):
+        raise ValueError(f"interpolation must be 'trilinear' or 'nearest', not {interp!r}")
+    return interp == "nearest"
+
+
 def _base_corner(q: Tensor, n: int, interp: Interp) -> tuple[Tensor, Tensor, Tensor]:
     """Lowest corner of the stencil of points ``q (3, …)`` = ``(qx, qy, qz)`` on the centred grid.
 
@@ -96,12 +102,11 @@ def _base_corner(q: Tensor, n: int, interp: Interp) -> tuple[Tensor, Tensor, Ten
     read at ``−q`` (``qx < 0``). The corner is clamped to the grid so that invalid points
     (``|q| > n/2 − 1``) cannot address memory outside it.
     """
-    if interp not in ("trilinear", "nearest"):
-        raise ValueError(f"interpolation must be 'trilinear' or 'nearest', not {interp!r}")
+    nearest = _nearest(interp)
     h, nh = n // 2, n // 2 + 1
     sign = torch.where(q[0] < 0, -1.0, 1.0).to(q.dtype)
     q = q * sign
-    corner = torch.floor(q + 0.5 if interp == "nearest" else q).clamp_(-h, h if interp == "nearest" else h - 1)
+    corner = torch.floor(q + 0.5 if nearest else q).clamp_(-h, h if nearest else h - 1)
     x, y, z = corner.to(torch.int32).unbind(0)
     index = (z * (n + 1) + y) * nh + x + h * nh * (n + 2)
     return index, q - corner, sign
@@ -254,7 +259,11 @@ def extract_many(volumes_ft: Tensor, rotations: Tensor, freq_px: Tensor, interp:
     """:func:`extract` of ``(C, n, n, nh)`` maps at once → ``(C, B, P)``: one stencil per point
     for all C maps, whose values it reads side by side (channel-last)."""
     centred = _centre(torch.view_as_real(volumes_ft).movedim(0, -2))
-    return torch.view_as_complex(_extract_kernel(centred, rotations, freq_px, interp)).movedim(-1, 0)
+    if native.available(centred):
+        values = native.gather(centred, rotations, freq_px, _nearest(interp))
+    else:
+        values = _extract_kernel(centred, rotations, freq_px, interp)
+    return torch.view_as_complex(values).movedim(-1, 0)
 
 
 def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int, int, int],
@@ -292,7 +301,7 @@ def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, f
     n, _, nh = shape
     out = channels[0].new_zeros(len(channels), (n + 1) * (n + 1) * nh)
     if native.available(out, tuple(scatter_powers)):
-        native.scatter(out, torch.stack(channels), rotations, freq_px, n, interp == "nearest", tuple(conjugate),
+        native.scatter(out, torch.stack(channels), rotations, freq_px, n, _nearest(interp), tuple(conjugate),
                        tuple(scatter_powers))
     else:
         chunk = _chunk_images(freq_px, _SCATTER_CHUNK_POINTS)
