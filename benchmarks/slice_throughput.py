@@ -1,12 +1,14 @@
-"""Images/s of central-slice extraction and insertion: cryosgd eager and compiled vs torch-fourier-slice.
+"""Images/s of central-slice extraction and insertion: cryosgd's kernels vs torch-fourier-slice.
 
     python benchmarks/slice_throughput.py [--boxes 64 128 256] [--batches 64 256 1024] [--device cpu]
                                           [--threads N] [--no-reference]
 
 All get the same float32 map, rotations and frequency cutoff (radius box/2 − 1);
 torch-fourier-slice (the optional ``bench`` extra) computes the whole rfft plane, cryosgd the
-half-disc. ``eager`` runs cryosgd's vectorised eager kernels (``CRYOSGD_COMPILE=0``),
-``compiled`` its ``torch.compile`` kernels (``CRYOSGD_COMPILE=1``). Each cell is the median of
+half-disc. ``eager`` runs cryosgd's vectorised PyTorch kernels (``CRYOSGD_NATIVE=0
+CRYOSGD_COMPILE=0``), ``compiled`` their ``torch.compile`` forms (``CRYOSGD_COMPILE=1``; the
+scatter is compiled only on CUDA), ``native`` the C kernels of ``cryosgd.fourier.native`` (CPU,
+where a C compiler is present; nan elsewhere). Each cell is the median of
 ``--repeats`` timed calls after one warm-up call; ``compile s`` is the compiled warm-up call
 of the first batch size (compilation, with whatever inductor cache the machine has).
 Operations: ``forward`` extract, ``adjoint`` insert of one complex map, ``fwd+adj`` both,
@@ -25,6 +27,7 @@ import time
 import torch
 
 from cryosgd.conventions import euler_to_matrix
+from cryosgd.fourier import native
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import extract, insert, insert_many
 
@@ -45,10 +48,13 @@ def _seconds(fn, repeats: int, device: str) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
-def _tier(setting: str, fn):
-    """``fn`` run under ``CRYOSGD_COMPILE=setting`` (read by cryosgd at each kernel call)."""
+TIERS = {"eager": ("0", "0"), "compiled": ("1", "0"), "native": ("0", "1")}  # CRYOSGD_COMPILE, _NATIVE
+
+
+def _tier(tier: str, fn):
+    """``fn`` run with the kernels of ``tier`` (cryosgd reads the settings at each kernel call)."""
     def run():
-        os.environ["CRYOSGD_COMPILE"] = setting
+        os.environ["CRYOSGD_COMPILE"], os.environ["CRYOSGD_NATIVE"] = TIERS[tier]
         return fn()
     return run
 
@@ -92,8 +98,9 @@ def main() -> None:
     if not args.no_reference and not reference:
         print("torch-fourier-slice not installed (pip install -e '.[bench]'): its column is nan")
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    native_here = args.device == "cpu" and native.available(torch.zeros(1))
     print(f"{'box':>4} {'batch':>6} {'op':>8} {'eager img/s':>12} {'compiled img/s':>15} {'compile s':>10} "
-          f"{'tfs img/s':>10}")
+          f"{'native img/s':>13} {'tfs img/s':>10}")
     for box in args.boxes:
         for b, batch in enumerate(args.batches):
             angles = torch.rand(batch, 3, dtype=torch.float64) * torch.tensor([360.0, 180.0, 360.0])
@@ -101,12 +108,14 @@ def main() -> None:
             ours = _ours(box, rotations, args.device)
             theirs = _teamtomo(box, rotations, args.device) if reference else {}
             for op in OPS:
-                _, eager = _seconds(_tier("0", ours[op]), args.repeats, args.device)
-                first, compiled = _seconds(_tier("1", ours[op]), args.repeats, args.device)
+                _, eager = _seconds(_tier("eager", ours[op]), args.repeats, args.device)
+                first, compiled = _seconds(_tier("compiled", ours[op]), args.repeats, args.device)
+                fast = _seconds(_tier("native", ours[op]), args.repeats, args.device)[1] if native_here \
+                    else float("nan")
                 ref = _seconds(theirs[op], args.repeats, args.device)[1] if op in theirs else float("nan")
                 compile_s = f"{first:10.1f}" if b == 0 else f"{'':>10}"
                 print(f"{box:>4} {batch:>6} {op:>8} {batch / eager:>12.0f} {batch / compiled:>15.0f} {compile_s} "
-                      f"{batch / ref:>10.0f}", flush=True)
+                      f"{batch / fast:>13.0f} {batch / ref:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":
