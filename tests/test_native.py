@@ -11,16 +11,18 @@ from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import extract_many, insert_many
 from cryosgd.pose.so3 import random_rotations
 
-pytestmark = pytest.mark.skipif(not native.available(torch.zeros(1), (1, 2)), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not native.available(torch.zeros(1), powers=(1, 2)), reason="no C compiler here")
 
 
-def _problem(dtype, n=24, images=40, seed=0):
+def _problem(dtype, n=24, images=40, seed=0, reach=1.0):
+    """Random values at the slice points of random rotations; ``reach`` > 1 scales the
+    frequencies beyond the grid's radius n/2 − 1 (and beyond n/2), where stencils are clamped."""
     g = torch.Generator().manual_seed(seed)
     grid = FourierGrid.create(n, 1.5)
     complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
     values = torch.randn(2, images, grid.freq_px.shape[0], generator=g, dtype=complex_dtype)
     curvature = torch.rand(images, grid.freq_px.shape[0], generator=g, dtype=dtype)
-    return grid, values, curvature, random_rotations(images, g).to(dtype), grid.freq_px.to(dtype)
+    return grid, values, curvature, random_rotations(images, g).to(dtype), reach * grid.freq_px.to(dtype)
 
 
 def _run(monkeypatch, use_native: bool, threads: int, kernel):
@@ -33,14 +35,14 @@ def _run(monkeypatch, use_native: bool, threads: int, kernel):
         torch.set_num_threads(before)
 
 
-def _insert(monkeypatch, use_native: bool, dtype, interp, threads=2):
-    grid, values, curvature, rotations, freq = _problem(dtype)
+def _insert(monkeypatch, use_native: bool, dtype, interp, threads=2, reach=1.0):
+    grid, values, curvature, rotations, freq = _problem(dtype, reach=reach)
     return _run(monkeypatch, use_native, threads, lambda: insert_many(values, curvature, rotations, freq,
                                                                       grid.volume_shape, interp, (2, 1)))
 
 
-def _extract(monkeypatch, use_native: bool, dtype, interp, threads=2):
-    grid, values, _, rotations, freq = _problem(dtype, seed=1)
+def _extract(monkeypatch, use_native: bool, dtype, interp, threads=2, reach=1.0):
+    grid, values, _, rotations, freq = _problem(dtype, seed=1, reach=reach)
     maps = torch.randn(3, *grid.volume_shape, dtype=values.dtype, generator=torch.Generator().manual_seed(2))
     return _run(monkeypatch, use_native, threads, lambda: extract_many(maps, rotations, freq, interp))
 
@@ -60,6 +62,36 @@ def test_native_back_projection_equals_pytorch(monkeypatch, interp, dtype, toler
     for got, expected in zip(_insert(monkeypatch, True, dtype, interp), _insert(monkeypatch, False, dtype, interp)):
         scale = expected.abs().max()
         assert float((got - expected).abs().max() / scale) < tolerance
+
+
+@pytest.mark.parametrize("interp", ["trilinear", "nearest"])
+@pytest.mark.parametrize("reach", [1.2, 2.5])  # past the radius n/2 − 1; past n/2 and the grid's edge
+def test_points_beyond_the_grid_are_clamped_as_pytorch_clamps_them(monkeypatch, interp, reach):
+    for kernel in (_insert, _extract):
+        got = kernel(monkeypatch, True, torch.float64, interp, reach=reach)
+        expected = kernel(monkeypatch, False, torch.float64, interp, reach=reach)
+        for a, b in zip(got, expected):
+            assert float((a - b).abs().max() / b.abs().max()) < 1e-13
+
+
+def test_a_pose_that_is_not_finite_gives_nan_values_and_touches_nothing_else(monkeypatch):
+    """PyTorch's kernels raise on such a point (an index out of range); the native ones clamp it
+    into the grid like a point beyond it, so it reads and writes only the grid's voxels."""
+    monkeypatch.setenv("CRYOSGD_NATIVE", "1")
+    grid, values, curvature, rotations, freq = _problem(torch.float64)
+    rotations[3, 0, 0] = torch.nan
+    maps = torch.randn(1, *grid.volume_shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+    sliced = extract_many(maps, rotations, freq)[0]
+    assert bool(sliced[3].isnan().any()) and bool(sliced[torch.arange(40) != 3].isfinite().all())
+    inserted, _ = insert_many(values[:1], None, rotations, freq, grid.volume_shape)
+    assert bool(inserted.isnan().any())
+
+
+def test_mismatched_shapes_are_refused_not_read_past(monkeypatch):
+    grid, values, curvature, rotations, freq = _problem(torch.float64)
+    monkeypatch.setenv("CRYOSGD_NATIVE", "1")
+    with pytest.raises(ValueError, match="do not match"):
+        insert_many(values, curvature, rotations[:10], freq, grid.volume_shape)
 
 
 def test_native_kernels_are_reproducible_and_threads_agree(monkeypatch):
@@ -90,21 +122,42 @@ def test_without_native_or_for_autograd_the_pytorch_kernels_run(monkeypatch):
     assert calls == [2] and volume_ft.grad.abs().sum() > 0
 
 
+def test_an_unloadable_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
+    """A truncated or foreign file under the library's name (a fresh folder: a loaded library
+    must not change under its process)."""
+    monkeypatch.setenv("CRYOSGD_CACHE", str(tmp_path / "first"))
+    native._library.cache_clear()
+    try:
+        assert native._library() is not None
+        (name,) = (p.name for p in (tmp_path / "first").iterdir())
+        (tmp_path / "second").mkdir()
+        library = tmp_path / "second" / name
+        library.write_bytes(b"not a shared library")
+        monkeypatch.setenv("CRYOSGD_CACHE", str(tmp_path / "second"))
+        native._library.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native._library() is not None
+        assert library.read_bytes()[:4] == b"\x7fELF" and list(library.parent.iterdir()) == [library]
+    finally:
+        native._library.cache_clear()
+
+
 def test_a_failing_build_warns_once_and_pytorch_takes_over(monkeypatch, tmp_path):
     monkeypatch.setenv("CRYOSGD_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     native._library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="trilinear.c"):
-            assert not native.available(torch.zeros(1), (1,))
+            assert not native.available(torch.zeros(1))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not native.available(torch.zeros(1), (1,))  # once
+            assert not native.available(torch.zeros(1))  # once
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         native._library.cache_clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not native.available(torch.zeros(1), (1,))  # no compiler: silently PyTorch
+            assert not native.available(torch.zeros(1))  # no compiler: silently PyTorch
         for kernel in (_insert, _extract):
             got = kernel(monkeypatch, True, torch.float64, "trilinear")
             expected = kernel(monkeypatch, False, torch.float64, "trilinear")

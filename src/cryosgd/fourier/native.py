@@ -5,14 +5,16 @@ PyTorch has no fused gather or scatter for the CPU: its eager kernels build the 
 eager back-projection's time), and inductor's compiled scatter adds with float atomics.
 ``trilinear.c`` does the stencil and the 8 · C reads or additions point by point in one pass.
 It is built by the system's C compiler (``cc``, or ``$CC``; about 0.3 s) into
-``$CRYOSGD_CACHE`` (default ``~/.cache/cryosgd``) under a name hashed from the source and the
-flags, once per machine, and loaded with ``ctypes``, which releases the GIL during a call: the
-points are split among :func:`torch.get_num_threads` Python threads; a gather's threads write
-their own rows, a scatter's add into their own accumulators, summed in a fixed order (the
-result does not depend on timing).
+``$CRYOSGD_CACHE`` (default ``~/.cache/cryosgd``) under a name hashed from the source, the
+flags, the compiler and the machine, once per cache folder, and loaded with ``ctypes``, which
+releases the GIL during a call: the points are split among up to :func:`torch.get_num_threads`
+Python threads; a gather's threads write their own rows, a scatter's add into their own
+accumulators (at most 1 GiB of them), summed in a fixed order. Results do not depend on
+timing; a scatter's rounding depends on how many threads shared it.
 
 Without a C compiler, or with ``CRYOSGD_NATIVE=0``, :func:`available` is False and the caller
-stays with PyTorch; a compiler that fails is reported once by a ``RuntimeWarning``.
+stays with PyTorch, as it does for tensors that need autograd or live on a GPU; a compiler
+that fails is reported once by a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +40,7 @@ _SOURCE = Path(__file__).with_name("trilinear.c")
 _FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 _SUFFIX = {torch.float32: "float", torch.float64: "double"}
 _SPLIT_POINTS = 65536  # points per thread at least: below, a thread's hand-off costs more than it saves
+_ACCUMULATOR_BYTES = 1 << 30  # a scatter's extra per-thread accumulators, at most
 
 
 def cache_dir() -> Path:
@@ -43,25 +49,40 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    command = shlex.split(os.environ.get("CC") or "cc")
+    compiler = shutil.which(command[0]) if command else None
     if compiler is None:
         return None
     try:
-        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-        path = cache_dir() / f"trilinear-{key}.so"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as work:
-                built = Path(work) / path.name
-                subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, text=True)
-                os.replace(built, path)  # atomic: processes building at once each install a whole file
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
+        identity = b" ".join([_SOURCE.read_bytes(), *(a.encode() for a in (*_FLAGS, *command, compiler)),
+                              platform.machine().encode(), sys.platform.encode()])
+        path = cache_dir() / f"trilinear-{hashlib.sha256(identity).hexdigest()[:16]}.so"
+        if path.exists():
+            try:
+                return _bind(ctypes.CDLL(str(path)))
+            except OSError:  # unloadable (truncated, another machine's): build it again
+                pass
+        _build([compiler, *command[1:]], path)
+        return _bind(ctypes.CDLL(str(path)))
+    except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(f"building {_SOURCE.name} failed ({detail.strip()[:200]}); slicing with PyTorch",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _build(compiler: list[str], path: Path) -> None:
+    """Compile into a temporary folder beside ``path``, then move the library into place
+    (atomic: processes that build at once each install a whole file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        built = Path(work) / path.name
+        subprocess.run([*compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(built, path)
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     for kind in ("gather", "scatter"):
         for suffix in _SUFFIX.values():
             getattr(library, f"{kind}_{suffix}").restype = None
@@ -73,9 +94,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="cryosgd-slice")
 
 
-def available(like: Tensor, powers: tuple[int, ...] = (1,)) -> bool:
-    """Whether the kernels serve tensors like ``like`` (and a scatter with these weight powers)."""
-    return (like.device.type == "cpu" and like.dtype in _SUFFIX and not like.requires_grad
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the parent's threads
+
+
+def available(*tensors: Tensor, powers: tuple[int, ...] = (1,)) -> bool:
+    """Whether the kernels serve these tensors (on the CPU, float32 or float64 for the first,
+    none needing autograd) and a scatter with these weight powers."""
+    return (tensors[0].dtype in _SUFFIX and all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
             and set(powers) <= {1, 2} and os.environ.get("CRYOSGD_NATIVE", "1") != "0" and _library() is not None)
 
 
@@ -84,12 +109,14 @@ def gather(centred: Tensor, rotations: Tensor, freq_px: Tensor, nearest: bool) -
     ``(B, P, C, 2)`` values at the slice points of ``rotations (B, 3, 3)`` and ``freq_px (P, 2)``
     (``slice._extract_corners``' arithmetic)."""
     n, channels = centred.shape[0] - 1, centred.shape[3]
+    _check(rotations, freq_px)
     centred, rotations, freq_px = (t.to(centred.dtype).contiguous() for t in (centred, rotations, freq_px))
     out = centred.new_empty(rotations.shape[0], freq_px.shape[0], channels, 2)
     function = getattr(_library(), f"gather_{_SUFFIX[centred.dtype]}")
-    _split(out.shape[0] * out.shape[1], lambda start, stop, _: function(
-        _ptr(rotations), _ptr(freq_px), ctypes.c_long(freq_px.shape[0]), _ptr(centred), ctypes.c_long(channels),
-        ctypes.c_int(int(nearest)), ctypes.c_long(n), _ptr(out), ctypes.c_long(start), ctypes.c_long(stop)))
+    total = out.shape[0] * out.shape[1]
+    _split(total, _threads(total), lambda start, stop, _: function(
+        _ptr(rotations), _ptr(freq_px), _int(freq_px.shape[0]), _ptr(centred), _int(channels),
+        ctypes.c_int(int(nearest)), _int(n), _ptr(out), _int(start), _int(stop)))
     return out
 
 
@@ -98,38 +125,49 @@ def scatter(out: Tensor, channels: Tensor, rotations: Tensor, freq_px: Tensor, n
     """Add ``channels (C, B, P)`` at the slice points of ``rotations (B, 3, 3)`` and
     ``freq_px (P, 2)`` into the centred half-grids ``out (C, (n + 1)² · (n // 2 + 1))``
     (``slice._insert_corners``' arithmetic). All real, of one dtype, on the CPU."""
+    _check(rotations, freq_px)
+    if not out.is_contiguous() or out.shape != (channels.shape[0], (n + 1) ** 2 * (n // 2 + 1)) or \
+            channels.shape[1:] != (rotations.shape[0], freq_px.shape[0]):
+        raise ValueError(f"scatter: channels {tuple(channels.shape)}, rotations {tuple(rotations.shape)}, "
+                         f"frequencies {tuple(freq_px.shape)} and accumulator {tuple(out.shape)} do not match")
     channels, rotations, freq_px = (t.to(out.dtype).contiguous() for t in (channels, rotations, freq_px))
     total = channels.shape[1] * channels.shape[2]
     function = getattr(_library(), f"scatter_{_SUFFIX[out.dtype]}")
     flags = [(ctypes.c_int * len(conjugate))(*map(int, conjugate)), (ctypes.c_int * len(powers))(*powers)]
-    accumulators = [out]
-
-    def run(start: int, stop: int, part: int) -> None:
-        function(_ptr(rotations), _ptr(freq_px), ctypes.c_long(channels.shape[2]), _ptr(channels),
-                 ctypes.c_long(channels.shape[0]), ctypes.c_long(total), *flags, ctypes.c_int(int(nearest)),
-                 ctypes.c_long(n), _ptr(accumulators[part]), ctypes.c_long(out.shape[1]), ctypes.c_long(start),
-                 ctypes.c_long(stop))
-
-    threads = _threads(total)
-    accumulators += [torch.zeros_like(out) for _ in range(threads - 1)]
-    _split(total, run)
+    affordable = 1 + min(total // out.shape[1], _ACCUMULATOR_BYTES // (out.numel() * out.element_size()))
+    threads = min(_threads(total), affordable)  # extra accumulators only where the points outweigh them
+    accumulators = [out] + [torch.zeros_like(out) for _ in range(threads - 1)]
+    _split(total, threads, lambda start, stop, part: function(
+        _ptr(rotations), _ptr(freq_px), _int(channels.shape[2]), _ptr(channels), _int(channels.shape[0]),
+        _int(total), *flags, ctypes.c_int(int(nearest)), _int(n), _ptr(accumulators[part]), _int(out.shape[1]),
+        _int(start), _int(stop)))
     for extra in accumulators[1:]:
         out += extra
+
+
+def _check(rotations: Tensor, freq_px: Tensor) -> None:
+    if rotations.shape[1:] != (3, 3) or freq_px.shape[1:] != (2,):
+        raise ValueError(f"rotations {tuple(rotations.shape)} must be (B, 3, 3), frequencies "
+                         f"{tuple(freq_px.shape)} (P, 2)")
 
 
 def _ptr(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
+def _int(value: int) -> ctypes.c_int64:
+    return ctypes.c_int64(value)
+
+
 def _threads(total: int) -> int:
     return max(1, min(torch.get_num_threads(), total // _SPLIT_POINTS))
 
 
-def _split(total: int, run) -> None:
-    """``run(start, stop, part)`` over :func:`_threads` equal parts of ``range(total)``, in parallel."""
-    threads = _threads(total)
+def _split(total: int, threads: int, run) -> None:
+    """``run(start, stop, part)`` over ``threads`` equal parts of ``range(total)``, in parallel."""
     bounds = [total * i // threads for i in range(threads + 1)]
     if threads == 1:
         run(0, total, 0)
     else:
-        list(_pool(threads).map(lambda part: run(bounds[part], bounds[part + 1], part), range(threads)))
+        list(_pool(torch.get_num_threads()).map(lambda part: run(bounds[part], bounds[part + 1], part),
+                                                range(threads)))

@@ -7,88 +7,91 @@
  * stencil corner on the centred grid (n + 1, n + 1, n/2 + 1), clamped as _base_corner
  * clamps it, and the 8 trilinear weights (the nearest voxel, weight 1). One pass, no
  * temporaries; each call handles the points [start, stop): gathers write their own rows,
- * scatters add into their own accumulator, so that threads never share one.
+ * scatters add into their own accumulator, so that threads never share one. A point that is
+ * not finite is clamped to the grid like one beyond it (NaN compares false both ways): its
+ * weights, and so its values, are NaN, and no memory outside the grid is touched.
  */
 #include <math.h>
+#include <stdint.h>
 
-#define DEFINE_KERNELS(SUFFIX, REAL, FLOOR)                                                      \
-static int stencil_##SUFFIX(const REAL *rotations, const REAL *freq, long points_per_image,     \
-                            int nearest, long n, long t, long *base, REAL *w, REAL *sign)       \
-{                                                                                               \
-    const long h = n / 2, nh = n / 2 + 1;                                                       \
-    const long b = t / points_per_image, p = t % points_per_image;                              \
-    const REAL *a = rotations + 9 * b;                                                          \
-    const REAL kx = freq[2 * p], ky = freq[2 * p + 1];                                          \
-    REAL qx = kx * a[0] + ky * a[3], qy = kx * a[1] + ky * a[4], qz = kx * a[2] + ky * a[5];     \
-    *sign = qx < 0 ? (REAL)-1 : (REAL)1;                                                        \
-    qx *= *sign; qy *= *sign; qz *= *sign;                                                      \
-    const REAL shift = nearest ? (REAL)0.5 : (REAL)0;                                           \
-    const REAL top = nearest ? (REAL)h : (REAL)(h - 1);                                         \
-    REAL cx = FLOOR(qx + shift), cy = FLOOR(qy + shift), cz = FLOOR(qz + shift);                \
-    cx = cx < -h ? -h : (cx > top ? top : cx);                                                  \
-    cy = cy < -h ? -h : (cy > top ? top : cy);                                                  \
-    cz = cz < -h ? -h : (cz > top ? top : cz);                                                  \
-    *base = ((long)cz * (n + 1) + (long)cy) * nh + (long)cx + h * nh * (n + 2);                 \
-    if (nearest) {                                                                              \
-        w[0] = 1;                                                                               \
-        return 1;                                                                               \
-    }                                                                                           \
-    const REAL fx = qx - cx, fy = qy - cy, fz = qz - cz;                                        \
-    const REAL px[2] = {1 - fx, fx}, py[2] = {1 - fy, fy}, pz[2] = {1 - fz, fz};                \
-    for (int k = 0; k < 8; ++k)                                                                 \
-        w[k] = (pz[k >> 2] * py[(k >> 1) & 1]) * px[k & 1];                                     \
-    return 8;                                                                                   \
-}                                                                                               \
-                                                                                                \
-/* volume (S, C, 2) channel-last (real, imaginary) → out (B · P, C, 2) */                       \
-void gather_##SUFFIX(const REAL *rotations, const REAL *freq, long points_per_image,            \
-                     const REAL *volume, long channels, int nearest, long n, REAL *out,         \
-                     long start, long stop)                                                     \
-{                                                                                               \
-    const long nh = n / 2 + 1;                                                                  \
-    const long offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                 \
-                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                         \
-    for (long t = start; t < stop; ++t) {                                                       \
-        long base; REAL w[8], sign;                                                             \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,  \
-                                             &base, w, &sign);                                  \
-        REAL *row = out + t * channels * 2;                                                     \
-        for (long c = 0; c < channels; ++c) {                                                   \
-            REAL re = 0, im = 0;                                                                \
-            for (int k = 0; k < corners; ++k) {                                                 \
-                const REAL *v = volume + ((base + offsets[k]) * channels + c) * 2;              \
-                re += w[k] * v[0];                                                              \
-                im += w[k] * v[1];                                                              \
-            }                                                                                   \
-            row[2 * c] = re;                                                                    \
-            row[2 * c + 1] = im * sign;                                                         \
-        }                                                                                       \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* values (C, B · P) real → out (C, S): weights to powers[c] (1 or 2) */                        \
-void scatter_##SUFFIX(const REAL *rotations, const REAL *freq, long points_per_image,           \
-                      const REAL *values, long channels, long channel_stride,                   \
-                      const int *conjugate, const int *powers, int nearest, long n, REAL *out,  \
-                      long out_stride, long start, long stop)                                   \
-{                                                                                               \
-    const long nh = n / 2 + 1;                                                                  \
-    const long offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                 \
-                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                         \
-    for (long t = start; t < stop; ++t) {                                                       \
-        long base; REAL w[8], sign;                                                             \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,  \
-                                             &base, w, &sign);                                  \
-        for (long c = 0; c < channels; ++c) {                                                   \
-            REAL v = values[c * channel_stride + t];                                            \
-            if (conjugate[c]) v *= sign;                                                        \
-            REAL *target = out + c * out_stride + base;                                         \
-            if (powers[c] == 2)                                                                 \
-                for (int k = 0; k < corners; ++k) target[offsets[k]] += (w[k] * w[k]) * v;     \
-            else                                                                                \
-                for (int k = 0; k < corners; ++k) target[offsets[k]] += w[k] * v;               \
-        }                                                                                       \
-    }                                                                                           \
+#define DEFINE_KERNELS(SUFFIX, REAL, FLOOR)                                                         \
+static int stencil_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,      \
+                            int nearest, int64_t n, int64_t t, int64_t *base, REAL *w, REAL *sign)  \
+{                                                                                                   \
+    const int64_t h = n / 2, nh = n / 2 + 1;                                                        \
+    const int64_t b = t / points_per_image, p = t % points_per_image;                               \
+    const REAL *a = rotations + 9 * b;                                                              \
+    const REAL kx = freq[2 * p], ky = freq[2 * p + 1];                                              \
+    REAL qx = kx * a[0] + ky * a[3], qy = kx * a[1] + ky * a[4], qz = kx * a[2] + ky * a[5];        \
+    *sign = qx < 0 ? (REAL)-1 : (REAL)1;                                                            \
+    qx *= *sign; qy *= *sign; qz *= *sign;                                                          \
+    const REAL shift = nearest ? (REAL)0.5 : (REAL)0;                                               \
+    const REAL top = nearest ? (REAL)h : (REAL)(h - 1);                                             \
+    REAL cx = FLOOR(qx + shift), cy = FLOOR(qy + shift), cz = FLOOR(qz + shift);                    \
+    cx = cx > -h ? (cx < top ? cx : top) : -h;                                                      \
+    cy = cy > -h ? (cy < top ? cy : top) : -h;                                                      \
+    cz = cz > -h ? (cz < top ? cz : top) : -h;                                                      \
+    *base = ((int64_t)cz * (n + 1) + (int64_t)cy) * nh + (int64_t)cx + h * nh * (n + 2);            \
+    if (nearest) {                                                                                  \
+        w[0] = 1;                                                                                   \
+        return 1;                                                                                   \
+    }                                                                                               \
+    const REAL fx = qx - cx, fy = qy - cy, fz = qz - cz;                                            \
+    const REAL px[2] = {1 - fx, fx}, py[2] = {1 - fy, fy}, pz[2] = {1 - fz, fz};                    \
+    for (int k = 0; k < 8; ++k)                                                                     \
+        w[k] = (pz[k >> 2] * py[(k >> 1) & 1]) * px[k & 1];                                         \
+    return 8;                                                                                       \
+}                                                                                                   \
+                                                                                                    \
+/* volume (S, C, 2) channel-last (real, imaginary) → out (B · P, C, 2) */                           \
+void gather_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,             \
+                     const REAL *volume, int64_t channels, int nearest, int64_t n, REAL *out,       \
+                     int64_t start, int64_t stop)                                                   \
+{                                                                                                   \
+    const int64_t nh = n / 2 + 1;                                                                   \
+    const int64_t offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                   \
+                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                             \
+    for (int64_t t = start; t < stop; ++t) {                                                        \
+        int64_t base; REAL w[8], sign;                                                              \
+        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,      \
+                                             &base, w, &sign);                                      \
+        REAL *row = out + t * channels * 2;                                                         \
+        for (int64_t c = 0; c < channels; ++c) {                                                    \
+            REAL re = 0, im = 0;                                                                    \
+            for (int k = 0; k < corners; ++k) {                                                     \
+                const REAL *v = volume + ((base + offsets[k]) * channels + c) * 2;                  \
+                re += w[k] * v[0];                                                                  \
+                im += w[k] * v[1];                                                                  \
+            }                                                                                       \
+            row[2 * c] = re;                                                                        \
+            row[2 * c + 1] = im * sign;                                                             \
+        }                                                                                           \
+    }                                                                                               \
+}                                                                                                   \
+                                                                                                    \
+/* values (C, B · P) real → out (C, S): weights to powers[c] (1 or 2) */                            \
+void scatter_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,            \
+                      const REAL *values, int64_t channels, int64_t channel_stride,                 \
+                      const int *conjugate, const int *powers, int nearest, int64_t n, REAL *out,   \
+                      int64_t out_stride, int64_t start, int64_t stop)                              \
+{                                                                                                   \
+    const int64_t nh = n / 2 + 1;                                                                   \
+    const int64_t offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                   \
+                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                             \
+    for (int64_t t = start; t < stop; ++t) {                                                        \
+        int64_t base; REAL w[8], sign;                                                              \
+        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,      \
+                                             &base, w, &sign);                                      \
+        for (int64_t c = 0; c < channels; ++c) {                                                    \
+            REAL v = values[c * channel_stride + t];                                                \
+            if (conjugate[c]) v *= sign;                                                            \
+            REAL *target = out + c * out_stride + base;                                             \
+            if (powers[c] == 2)                                                                     \
+                for (int k = 0; k < corners; ++k) target[offsets[k]] += (w[k] * w[k]) * v;          \
+            else                                                                                    \
+                for (int k = 0; k < corners; ++k) target[offsets[k]] += w[k] * v;                   \
+        }                                                                                           \
+    }                                                                                               \
 }
 
 DEFINE_KERNELS(float, float, floorf)

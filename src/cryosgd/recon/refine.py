@@ -53,7 +53,6 @@ from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere, sup
 from cryosgd.io.atomic import write_lines
 from cryosgd.io.checkpoint import load_resumable, save_checkpoint
 from cryosgd.io.mrc import read_map, write_map
-from cryosgd.model.ctf import ctf_values
 from cryosgd.objective.loss import DataTerms, LeastSquares
 from cryosgd.objective.noise import residual_power
 from cryosgd.optim.linesearch import ArmijoState
