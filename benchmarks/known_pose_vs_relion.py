@@ -102,14 +102,14 @@ def main() -> None:
             peaks[label] = max(peaks[label], peak)
     n = args.box
     shells = [n // 8, n // 4, 3 * n // 8, n // 2 - 2]
-    print(f"\n{'program':<24}{'wall s (median)':>16}{'runs':>22}{'peak GB':>9}{'FSC mean n/4..n/2':>19}"
+    print(f"\n{'program':<24}{'wall s (median)':>16}{'runs':>32}{'peak GB':>9}{'FSC mean n/4..n/2':>19}"
           + "".join(f"{'shell ' + str(s):>10}" for s in shells) + f"{'time vs RELION':>16}")
     relion_seconds = statistics.median(times["relion_reconstruct"])
     for label, _, output in runs:
         mean, curve = fsc_row(root / output, truth, args.pixel)
         seconds = statistics.median(times[label])
         spread = ", ".join(f"{t:.1f}" for t in times[label])
-        print(f"{label:<24}{seconds:>16.1f}{spread:>22}{peaks[label]:>9.2f}{mean:>19.3f}"
+        print(f"{label:<24}{seconds:>16.1f}  {spread:>30}{peaks[label]:>9.2f}{mean:>19.3f}"
               + "".join(f"{curve[s]:>10.3f}" for s in shells) + f"{seconds / relion_seconds:>16.2f}")
     if args.convergence:
         print(f"\nepochs to FSC > 0.9 against the converged map, shells {n // 4}..{n // 2 - 2} (prior none):")
