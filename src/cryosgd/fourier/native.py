@@ -66,7 +66,8 @@ def _library() -> ctypes.CDLL | None:
         return _bind(ctypes.CDLL(str(path)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(f"building {_SOURCE.name} failed ({detail.strip()[:200]}); slicing with PyTorch",
+        warnings.warn(f"building {_SOURCE.name} in {cache_dir()} failed ({detail.strip()[:200]}); slicing with "
+                      "PyTorch (CRYOSGD_CACHE names another folder, CRYOSGD_NATIVE=0 skips the build)",
                       RuntimeWarning, stacklevel=3)
         return None
 
