@@ -14,84 +14,81 @@
 #include <math.h>
 #include <stdint.h>
 
-#define DEFINE_KERNELS(SUFFIX, REAL, FLOOR)                                                         \
-static int stencil_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,      \
-                            int nearest, int64_t n, int64_t t, int64_t *base, REAL *w, REAL *sign)  \
-{                                                                                                   \
-    const int64_t h = n / 2, nh = n / 2 + 1;                                                        \
-    const int64_t b = t / points_per_image, p = t % points_per_image;                               \
-    const REAL *a = rotations + 9 * b;                                                              \
-    const REAL kx = freq[2 * p], ky = freq[2 * p + 1];                                              \
-    REAL qx = kx * a[0] + ky * a[3], qy = kx * a[1] + ky * a[4], qz = kx * a[2] + ky * a[5];        \
-    *sign = qx < 0 ? (REAL)-1 : (REAL)1;                                                            \
-    qx *= *sign; qy *= *sign; qz *= *sign;                                                          \
-    const REAL shift = nearest ? (REAL)0.5 : (REAL)0;                                               \
-    const REAL top = nearest ? (REAL)h : (REAL)(h - 1);                                             \
-    REAL cx = FLOOR(qx + shift), cy = FLOOR(qy + shift), cz = FLOOR(qz + shift);                    \
-    cx = cx > -h ? (cx < top ? cx : top) : -h;                                                      \
-    cy = cy > -h ? (cy < top ? cy : top) : -h;                                                      \
-    cz = cz > -h ? (cz < top ? cz : top) : -h;                                                      \
-    *base = ((int64_t)cz * (n + 1) + (int64_t)cy) * nh + (int64_t)cx + h * nh * (n + 2);            \
-    if (nearest) {                                                                                  \
-        w[0] = 1;                                                                                   \
-        return 1;                                                                                   \
-    }                                                                                               \
-    const REAL fx = qx - cx, fy = qy - cy, fz = qz - cz;                                            \
-    const REAL px[2] = {1 - fx, fx}, py[2] = {1 - fy, fy}, pz[2] = {1 - fz, fz};                    \
-    for (int k = 0; k < 8; ++k)                                                                     \
-        w[k] = (pz[k >> 2] * py[(k >> 1) & 1]) * px[k & 1];                                         \
-    return 8;                                                                                       \
-}                                                                                                   \
-                                                                                                    \
-/* volume (S, C, 2) channel-last (real, imaginary) → out (B · P, C, 2) */                           \
-void gather_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,             \
-                     const REAL *volume, int64_t channels, int nearest, int64_t n, REAL *out,       \
-                     int64_t start, int64_t stop)                                                   \
-{                                                                                                   \
-    const int64_t nh = n / 2 + 1;                                                                   \
-    const int64_t offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                   \
-                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                             \
-    for (int64_t t = start; t < stop; ++t) {                                                        \
-        int64_t base; REAL w[8], sign;                                                              \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,      \
-                                             &base, w, &sign);                                      \
-        REAL *row = out + t * channels * 2;                                                         \
-        for (int64_t c = 0; c < channels; ++c) {                                                    \
-            REAL re = 0, im = 0;                                                                    \
-            for (int k = 0; k < corners; ++k) {                                                     \
-                const REAL *v = volume + ((base + offsets[k]) * channels + c) * 2;                  \
-                re += w[k] * v[0];                                                                  \
-                im += w[k] * v[1];                                                                  \
-            }                                                                                       \
-            row[2 * c] = re;                                                                        \
-            row[2 * c + 1] = im * sign;                                                             \
-        }                                                                                           \
-    }                                                                                               \
-}                                                                                                   \
-                                                                                                    \
-/* values (C, B · P) real → out (C, S): weights to powers[c] (1 or 2) */                            \
-void scatter_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,            \
-                      const REAL *values, int64_t channels, int64_t channel_stride,                 \
-                      const int *conjugate, const int *powers, int nearest, int64_t n, REAL *out,   \
-                      int64_t out_stride, int64_t start, int64_t stop)                              \
-{                                                                                                   \
-    const int64_t nh = n / 2 + 1;                                                                   \
-    const int64_t offsets[8] = {0, 1, nh, nh + 1, (n + 1) * nh, (n + 1) * nh + 1,                   \
-                             (n + 1) * nh + nh, (n + 1) * nh + nh + 1};                             \
-    for (int64_t t = start; t < stop; ++t) {                                                        \
-        int64_t base; REAL w[8], sign;                                                              \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t,      \
-                                             &base, w, &sign);                                      \
-        for (int64_t c = 0; c < channels; ++c) {                                                    \
-            REAL v = values[c * channel_stride + t];                                                \
-            if (conjugate[c]) v *= sign;                                                            \
-            REAL *target = out + c * out_stride + base;                                             \
-            if (powers[c] == 2)                                                                     \
-                for (int k = 0; k < corners; ++k) target[offsets[k]] += (w[k] * w[k]) * v;          \
-            else                                                                                    \
-                for (int k = 0; k < corners; ++k) target[offsets[k]] += w[k] * v;                   \
-        }                                                                                           \
-    }                                                                                               \
+#define DEFINE_KERNELS(SUFFIX, REAL, FLOOR)                                                                 \
+/* The stencil of point t: the flat indices `at` of its corners in the centred grid, their                  \
+   weights `w` and the flip `sign`; returns the number of corners (8, or 1 for nearest). */                 \
+static int stencil_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,              \
+                            int nearest, int64_t n, int64_t t, int64_t *at, REAL *w, REAL *sign)            \
+{                                                                                                           \
+    const int64_t h = n / 2, nh = n / 2 + 1;                                                                \
+    const int64_t b = t / points_per_image, p = t % points_per_image;                                       \
+    const REAL *a = rotations + 9 * b;                                                                      \
+    const REAL kx = freq[2 * p], ky = freq[2 * p + 1];                                                      \
+    REAL qx = kx * a[0] + ky * a[3], qy = kx * a[1] + ky * a[4], qz = kx * a[2] + ky * a[5];                \
+    *sign = qx < 0 ? (REAL)-1 : (REAL)1;                                                                    \
+    qx *= *sign; qy *= *sign; qz *= *sign;                                                                  \
+    const REAL shift = nearest ? (REAL)0.5 : (REAL)0;                                                       \
+    const REAL top = nearest ? (REAL)h : (REAL)(h - 1);                                                     \
+    REAL cx = FLOOR(qx + shift), cy = FLOOR(qy + shift), cz = FLOOR(qz + shift);                            \
+    cx = cx > -h ? (cx < top ? cx : top) : -h;                                                              \
+    cy = cy > -h ? (cy < top ? cy : top) : -h;                                                              \
+    cz = cz > -h ? (cz < top ? cz : top) : -h;                                                              \
+    const int64_t base = ((int64_t)cz * (n + 1) + (int64_t)cy) * nh + (int64_t)cx + h * nh * (n + 2);       \
+    if (nearest) {                                                                                          \
+        at[0] = base;                                                                                       \
+        w[0] = 1;                                                                                           \
+        return 1;                                                                                           \
+    }                                                                                                       \
+    const REAL fx = qx - cx, fy = qy - cy, fz = qz - cz;                                                    \
+    const REAL px[2] = {1 - fx, fx}, py[2] = {1 - fy, fy}, pz[2] = {1 - fz, fz};                            \
+    for (int k = 0; k < 8; ++k) {  /* dz slowest, dx fastest: slice.py's _corner_offsets */                 \
+        at[k] = base + (k >> 2) * (n + 1) * nh + ((k >> 1) & 1) * nh + (k & 1);                             \
+        w[k] = (pz[k >> 2] * py[(k >> 1) & 1]) * px[k & 1];                                                 \
+    }                                                                                                       \
+    return 8;                                                                                               \
+}                                                                                                           \
+                                                                                                            \
+/* volume (S, C, 2) channel-last (real, imaginary) → out (B · P, C, 2) */                                   \
+void gather_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,                     \
+                     const REAL *volume, int64_t channels, int nearest, int64_t n, REAL *out,               \
+                     int64_t start, int64_t stop)                                                           \
+{                                                                                                           \
+    for (int64_t t = start; t < stop; ++t) {                                                                \
+        int64_t at[8]; REAL w[8], sign;                                                                     \
+        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t, at, w, &sign); \
+        REAL *row = out + t * channels * 2;                                                                 \
+        for (int64_t c = 0; c < channels; ++c) {                                                            \
+            REAL re = 0, im = 0;                                                                            \
+            for (int k = 0; k < corners; ++k) {                                                             \
+                const REAL *v = volume + (at[k] * channels + c) * 2;                                        \
+                re += w[k] * v[0];                                                                          \
+                im += w[k] * v[1];                                                                          \
+            }                                                                                               \
+            row[2 * c] = re;                                                                                \
+            row[2 * c + 1] = im * sign;                                                                     \
+        }                                                                                                   \
+    }                                                                                                       \
+}                                                                                                           \
+                                                                                                            \
+/* values (C, B · P) real → out (C, S): weights to powers[c] (1 or 2) */                                    \
+void scatter_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,                    \
+                      const REAL *values, int64_t channels, int64_t channel_stride,                         \
+                      const int *conjugate, const int *powers, int nearest, int64_t n, REAL *out,           \
+                      int64_t out_stride, int64_t start, int64_t stop)                                      \
+{                                                                                                           \
+    for (int64_t t = start; t < stop; ++t) {                                                                \
+        int64_t at[8]; REAL w[8], sign;                                                                     \
+        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t, at, w, &sign); \
+        for (int64_t c = 0; c < channels; ++c) {                                                            \
+            REAL v = values[c * channel_stride + t];                                                        \
+            if (conjugate[c]) v *= sign;                                                                    \
+            REAL *target = out + c * out_stride;                                                            \
+            if (powers[c] == 2)                                                                             \
+                for (int k = 0; k < corners; ++k) target[at[k]] += (w[k] * w[k]) * v;                       \
+            else                                                                                            \
+                for (int k = 0; k < corners; ++k) target[at[k]] += w[k] * v;                                \
+        }                                                                                                   \
+    }                                                                                                       \
 }
 
 DEFINE_KERNELS(float, float, floorf)
