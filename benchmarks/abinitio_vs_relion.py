@@ -34,14 +34,13 @@ from cryosgd.io.mrc import read_map
 from cryosgd.pose.compare import pose_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from datasets import dataset_parser, make_dataset, run_measured  # noqa: E402
+from datasets import dataset_parser, high_shell_mean, make_dataset, matching_rows, run_measured  # noqa: E402
 from refine_vs_relion import prepare  # noqa: E402
 
 
 def errors(true_star: Path, found_star: Path):
     true, found = read_particles(true_star), read_particles(found_star)
-    position = {name: i for i, name in enumerate(true.image_name)}
-    index = np.array([position[name] for name in found.image_name])
+    index = matching_rows(true, found)
     return pose_errors(euler_to_matrix(torch.tensor(true.angles_deg[index])),
                        euler_to_matrix(torch.tensor(found.angles_deg)))
 
@@ -108,8 +107,8 @@ def main() -> None:
         ours = fsc(refined, truth, args.pixel).fsc
         print(f"auto: {seconds:.0f} s (" + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items())
               + f"), peak {peak:.2f} GB; resolution {stages['postprocess']['resolution_A']:.2f} Å (masked, corrected), "
-              f"median pose error {e.median_deg:.2f}°; FSC to the truth (n/4..n/2) {np.nanmean(ours[n // 4:n // 2 + 1]):.3f}"
-              f" against the known-pose reconstruction's {np.nanmean(known[n // 4:n // 2 + 1]):.3f}")
+              f"median pose error {e.median_deg:.2f}°; FSC to the truth (n/4..n/2) {high_shell_mean(ours, n):.3f}"
+              f" against the known-pose reconstruction's {high_shell_mean(known, n):.3f}")
     if args.relion:
         (root / "relion_sgd").mkdir(exist_ok=True)
         seconds, peak, finished = run_measured(relion_sgd_command(diameter), root, timeout_s=60 * args.relion_minutes)

@@ -50,6 +50,18 @@ def run_measured(args: list[str], cwd: Path, timeout_s: float | None = None,
     return seconds, peak / 1e9, finished
 
 
+def matching_rows(true, found) -> np.ndarray:
+    """Rows of the table ``true`` for the particles of ``found`` (by image name)."""
+    position = {name: i for i, name in enumerate(true.image_name)}
+    return np.array([position[name] for name in found.image_name])
+
+
+def high_shell_mean(fsc_values: np.ndarray, box: int) -> float:
+    """The mean of an FSC curve over shells n/4 … n/2 of a box of n: the benchmarks' one
+    number for a map against the truth."""
+    return float(np.nanmean(fsc_values[box // 4:box // 2 + 1]))
+
+
 def _group_rss_bytes(group: int) -> int:
     """Resident memory of every process in process group ``group`` (Linux /proc)."""
     total = 0

@@ -35,7 +35,7 @@ from cryosgd.pose.compare import pose_errors
 from cryosgd.pose.so3 import exp_map
 
 sys.path.insert(0, str(Path(__file__).parent))
-from datasets import run_measured  # noqa: E402
+from datasets import high_shell_mean, matching_rows, run_measured  # noqa: E402
 
 
 def fsc_to_truth(root: Path, table: ParticleTable, truth: np.ndarray, pixel_A: float) -> float:
@@ -45,8 +45,7 @@ def fsc_to_truth(root: Path, table: ParticleTable, truth: np.ndarray, pixel_A: f
         write_particles(star, table)
         run_measured([sys.executable, "-m", "cryosgd", "reconstruct", str(star), "-o", str(Path(work) / "map")], root)
         halves = [read_map(Path(work) / "map" / f"half{h}.mrc")[0] for h in (1, 2)]
-    n = truth.shape[0]
-    return float(np.nanmean(fsc(0.5 * (halves[0] + halves[1]), truth, pixel_A).fsc[n // 4:n // 2 + 1]))
+    return high_shell_mean(fsc(0.5 * (halves[0] + halves[1]), truth, pixel_A).fsc, truth.shape[0])
 
 
 def main() -> None:
@@ -58,8 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.workdir
     ours, true = read_particles(root / args.refined / "particles.star"), read_particles(root / "particles.star")
-    position = {name: i for i, name in enumerate(true.image_name)}
-    index = np.array([position[name] for name in ours.image_name])
+    index = matching_rows(true, ours)
     true_rotations = euler_to_matrix(torch.tensor(true.angles_deg[index]))
     found = pose_errors(true_rotations, euler_to_matrix(torch.tensor(ours.angles_deg)), hand=False)
     errors = found.errors_deg.numpy()

@@ -39,7 +39,7 @@ from cryosgd.io.mrc import read_map, write_map
 from cryosgd.pose.compare import pose_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from datasets import dataset_parser, make_dataset, run_measured  # noqa: E402
+from datasets import dataset_parser, high_shell_mean, make_dataset, matching_rows, run_measured  # noqa: E402
 
 
 def prepare(root: Path, star: Path, pixel_A: float, relion_particles: int) -> None:
@@ -84,18 +84,12 @@ def measure(name: str, seconds: float, peak: float, halves, data_star: Path | No
     error = ""
     if data_star is not None:
         true, found = read_particles(true_star), read_particles(data_star)
-        index = _match(true, found)
+        index = matching_rows(true, found)
         e = pose_errors(euler_to_matrix(torch.tensor(true.angles_deg[index])),
                         euler_to_matrix(torch.tensor(found.angles_deg)), hand=False)
         error = f"{e.median_deg:.2f}"
     return (f"{name:<26}{seconds:>9.0f}{peak:>9.2f}{half_map.resolution_at(0.143):>12.2f}"
-            f"{np.nanmean(joint.fsc[n // 4:n // 2 + 1]):>14.3f}{joint.resolution_at(0.5):>12.2f}{error:>12}  {note}")
-
-
-def _match(true, found) -> np.ndarray:
-    """Rows of ``true`` for the particles of ``found`` (by image name)."""
-    position = {name: i for i, name in enumerate(true.image_name)}
-    return np.array([position[name] for name in found.image_name])
+            f"{high_shell_mean(joint.fsc, n):>14.3f}{joint.resolution_at(0.5):>12.2f}{error:>12}  {note}")
 
 
 def main() -> None:
