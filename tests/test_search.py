@@ -10,9 +10,9 @@ from cryosgd.conventions import map_to_ft
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import extract
 from cryosgd.pose.scores import band_mask
-from cryosgd.pose.search import BandImages, Candidates, global_search, local_search
+from cryosgd.pose.search import BandImages, Candidates, global_search, local_search, posterior_grid
 from cryosgd.pose.shifts import phase_ramps, shift_grid
-from cryosgd.pose.so3 import exp_map, geodesic_distance_deg, random_rotations, uniform_rotations
+from cryosgd.pose.so3 import cube_offsets, exp_map, geodesic_distance_deg, random_rotations, uniform_rotations
 from cryosgd.sim.phantom import blob_phantom
 
 BOX, PIXEL_A = 32, 3.0
@@ -148,6 +148,30 @@ def test_star_scores_equal_the_log_likelihood_of_each_pose_computed_alone():
                     x = images.images_ft[b]
                     expected = 0.5 * (images.weight[b] * (x.abs() ** 2 - (x - model).abs() ** 2)).sum()
                     torch.testing.assert_close(scores[b, k, j, r], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_posterior_grid_keeps_the_most_likely_poses_of_the_cube_around_each_pose():
+    """Each particle's kept poses are the best of all 27 × 9 grid poses at its own step, each
+    scored alone (float64), best first."""
+    volume_ft, images, rotations, shifts = _images(3, noise=0.5, seed=6)
+    steps_deg, step_A, keep = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), 0.6, 5
+    start = Candidates(rotations[:, None], shifts[:, None], torch.zeros(3, 1, dtype=torch.float64))
+    found = posterior_grid(volume_ft, images, start, steps_deg, step_A, keep=keep, chunk=2)
+    x = images.images_ft
+    for b in range(3):
+        scored = []
+        for c in cube_offsets(1, dtype=torch.float64):
+            rotation = rotations[b] @ exp_map(math.radians(float(steps_deg[b])) * c)
+            for dx, dy in ((x, y) for y in (-1, 0, 1) for x in (-1, 0, 1)):
+                origin = shifts[b] + step_A * torch.tensor([dx, dy], dtype=torch.float64)
+                model = images.ctf[b] * phase_ramps(images.freq_invA, origin[None])[0] * extract(
+                    volume_ft, rotation[None], images.freq_px)[0]
+                value = 0.5 * (images.weight[b] * (x[b].abs() ** 2 - (x[b] - model).abs() ** 2)).sum()
+                scored.append((float(value), rotation, origin))
+        best = sorted(scored, key=lambda item: -item[0])[:keep]
+        torch.testing.assert_close(found.log_likelihood[b], torch.tensor([v for v, _, _ in best], dtype=torch.float64))
+        torch.testing.assert_close(found.rotations[b], torch.stack([r for _, r, _ in best]))
+        torch.testing.assert_close(found.shift_A[b], torch.stack([t for _, _, t in best]))
 
 
 def test_the_particle_radius_is_the_farthest_voxel_of_the_mask():

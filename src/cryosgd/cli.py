@@ -180,6 +180,9 @@ def _refine_args(commands) -> None:
                         "poses searched per minibatch) (default: %(default)s)")
     p.add_argument("--max-iter", type=COUNT, default=20, metavar="N", help="most iterations (default: 20)")
     p.add_argument("--local", action="store_true", help="start from the STAR file's poses (local searches only)")
+    p.add_argument("--soft-poses", type=COUNT, default=8, metavar="N",
+                   help="poses per particle in the last iteration's maps, weighed by their posterior; 1: the best "
+                        "pose alone (default: 8)")
     p.add_argument("--max-shift", type=POSITIVE, metavar="Å", help="origins searched within this radius "
                                                                     "(default: 5 pixels)")
     p.add_argument("--join-res", type=POSITIVE, default=40.0, metavar="Å",
@@ -353,7 +356,8 @@ def _refine(a) -> None:
 
     settings = RefineSettings(ini_res_A=a.ini_res, particle_diameter_A=a.particle_diameter, sym=a.sym,
                               work_box_px=a.box, max_iter=a.max_iter, update=a.update, join_res_A=a.join_res,
-                              batch_size=a.batch_size, max_shift_A=a.max_shift, local=a.local, seed=a.seed)
+                              batch_size=a.batch_size, max_shift_A=a.max_shift, local=a.local,
+                              soft_poses=a.soft_poses, seed=a.seed)
     result = refine(a.star, a.ref, a.output, settings, mask=a.mask, resume=a.resume, force=a.force, device=a.device,
                     pixel_A=a.pixel_size)
     if dist.is_main():

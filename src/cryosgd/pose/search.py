@@ -26,7 +26,7 @@ from cryosgd.fourier.slice import Interp, extract
 from cryosgd.model.ctf import ctf_values
 from cryosgd.pose.scores import band_mask, score_poses
 from cryosgd.pose.shifts import phase_ramps
-from cryosgd.pose.so3 import exp_map
+from cryosgd.pose.so3 import cube_offsets, exp_map
 
 _STAR = ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 _SHIFTS = tuple((x, y) for y in (-1, 0, 1) for x in (-1, 0, 1))  # row-major in (y, x); centre at 4
@@ -189,6 +189,31 @@ def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, st
     return Candidates(rotations, shifts, log_likelihood), sigma
 
 
+def posterior_grid(volume_ft: Tensor, images: BandImages, start: Candidates, step_deg: Tensor, step_A: float, *,
+                   keep: int, interp: Interp = "trilinear", chunk: int = 64) -> Candidates:
+    """The ``keep`` most likely poses of a grid around each particle's first pose: the 3³ cube
+    of rotations ``R·exp(h·c)``, ``c ∈ {−1, 0, 1}³``, of the particle's step ``h = step_deg (B,)``,
+    times the 3 × 3 origins ``t + step_A·{−1, 0, 1}²``, best first, on the whole band.
+
+    Those poses and their log-likelihoods stand for the particle's posterior near its best
+    pose (a map update weighs each by it, as RELION's expectation step weighs every sampled
+    pose), where the star search's parabolas keep only its peak and curvature."""
+    real = images.ctf.dtype
+    cube = cube_offsets(1, device=step_deg.device, dtype=real)  # (27, 3)
+    offsets = torch.tensor(_SHIFTS, dtype=real, device=step_deg.device) * step_A
+    parts = []
+    for begin in range(0, len(images), chunk):
+        rows = slice(begin, begin + chunk)
+        rotations, shifts = start.rotations[rows, :1], start.shift_A[rows, :1]
+        turns = cube * torch.deg2rad(step_deg[rows].to(real))[:, None, None, None]  # (b, 1, 27, 3)
+        scores = _grid_scores(volume_ft, images.rows(rows), rotations, shifts, turns, offsets, interp)[:, 0]
+        top = scores.reshape(len(scores), -1).topk(min(keep, scores[0].numel()), dim=1)  # (b, keep): s·27 + r
+        shift_index, turn_index = top.indices // len(cube), top.indices % len(cube)
+        chosen = rotations[:, 0, None] @ exp_map(torch.take_along_dim(turns[:, 0], turn_index[..., None], 1))
+        parts.append((chosen, shifts + offsets[shift_index], top.values))
+    return Candidates(*(torch.cat(fields) for fields in zip(*parts)))
+
+
 def level_band_invA(step_rad: float, radius_A: float) -> float:
     """The band (Å⁻¹) a local-search level of step ``step_rad`` scores: a rotation by the step
     moves a point of the particle (radius ``radius_A``) by at most R·h, which turns the phase of
@@ -199,25 +224,36 @@ def level_band_invA(step_rad: float, radius_A: float) -> float:
 def _star_scores(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts: Tensor, h: float, s: float,
                  interp: Interp, centre_only: bool = False) -> Tensor:
     """``(B, K, 9, 7)`` log-likelihoods of the star rotations × shift grid around each pose
-    (``(B, K, 1, 1)`` at the pose itself with ``centre_only``).
-
-    The shift grid's phase separates, e^{2πik·(t + δ)} = e^{2πik·t} · e^{2πik·δ}: the image side
-    ``ã e^{2πik·t}`` is made once per pose, multiplied by each star rotation's slice, and the 9
-    offsets δ, shared by every pose, enter by one matrix product."""
-    real, dtype = images.ctf.dtype, images.images_ft.dtype
+    (``(B, K, 1, 1)`` at the pose itself with ``centre_only``)."""
+    real = images.ctf.dtype
     star = torch.tensor(_STAR[:1] if centre_only else _STAR, dtype=real, device=rotations.device) * h
     offsets = torch.tensor(_SHIFTS[4:5] if centre_only else _SHIFTS, dtype=real, device=rotations.device) * s
+    return _grid_scores(volume_ft, images, rotations, shifts, star, offsets, interp)
+
+
+def _grid_scores(volume_ft: Tensor, images: BandImages, rotations: Tensor, shifts: Tensor, turns: Tensor,
+                 offsets_A: Tensor, interp: Interp) -> Tensor:
+    """``(B, K, S, R)`` log-likelihoods of the rotations ``R·exp(u)`` × origins ``t + δ`` around
+    each pose (``rotations (B, K, 3, 3)``, ``shifts (B, K, 2)``), for the tangent vectors
+    ``turns`` (radians), ``(R, 3)`` shared or ``(B, K, R, 3)`` per pose, and the offsets
+    ``offsets_A (S, 2)``.
+
+    The shift grid's phase separates, e^{2πik·(t + δ)} = e^{2πik·t} · e^{2πik·δ}: the image side
+    ``ã e^{2πik·t}`` is made once per pose, multiplied by each rotation's slice, and the
+    offsets δ, shared by every pose, enter by one matrix product."""
+    dtype = images.images_ft.dtype
     batch, k = rotations.shape[:2]
-    children = rotations[:, :, None] @ exp_map(star)  # (B, K, R, 3, 3)
+    children = rotations[:, :, None] @ exp_map(turns)  # (B, K, R, 3, 3)
+    count = children.shape[2]
     projections = extract(volume_ft, children.reshape(-1, 3, 3).to(volume_ft.real.dtype),
-                          images.freq_px.to(volume_ft.real.dtype), interp).reshape(batch, k, len(star), -1).to(dtype)
+                          images.freq_px.to(volume_ft.real.dtype), interp).reshape(batch, k, count, -1).to(dtype)
     at_pose = (images.weight * images.ctf * images.images_ft.conj())[:, None, :] * phase_ramps(
         images.freq_invA, shifts).to(dtype)  # (B, K, P)
     product = at_pose[:, :, None, :] * projections  # (B, K, R, P)
-    offset_phases = phase_ramps(images.freq_invA, offsets).to(dtype)  # (S, P)
-    left = torch.cat([product.real, -product.imag], -1).reshape(batch * k * len(star), -1)
+    offset_phases = phase_ramps(images.freq_invA, offsets_A).to(dtype)  # (S, P)
+    left = torch.cat([product.real, -product.imag], -1).reshape(batch * k * count, -1)
     right = torch.cat([offset_phases.real, offset_phases.imag], -1)
-    cross = (left @ right.T).reshape(batch, k, len(star), len(offsets)).transpose(2, 3)
+    cross = (left @ right.T).reshape(batch, k, count, len(offsets_A)).transpose(2, 3)
     norm = torch.einsum("bp,bkrp->bkr", images.weight * images.ctf**2, projections.real**2 + projections.imag**2)
     return cross - 0.5 * norm[:, :, None, :]
 

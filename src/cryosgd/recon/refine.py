@@ -24,7 +24,10 @@ Iteration n, for each half-set independently (docs/refinement.md):
    re-estimated from the residuals of the search.
 
 It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002,
-or at ``max_iter``: one last iteration then searches at Nyquist and updates by ``em``.
+or at ``max_iter``: one last iteration then searches at Nyquist and updates by ``em`` from each
+particle's ``soft_poses`` most likely poses of a grid around its best one
+(:func:`cryosgd.pose.search.posterior_grid`), weighted by their posterior: the best pose alone
+puts each image where its noise best matches the reference, and the map would inherit that.
 A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
 """
 
@@ -58,7 +61,8 @@ from cryosgd.objective.noise import residual_power
 from cryosgd.optim.linesearch import ArmijoState
 from cryosgd.optim.precondition import HutchinsonState, RunningDiagonalState
 from cryosgd.pose.scores import band_mask, posterior_weights
-from cryosgd.pose.search import BandImages, Candidates, PoseTable, global_search, local_search, weighted_rows
+from cryosgd.pose.search import (BandImages, Candidates, PoseTable, global_search, local_search, posterior_grid,
+                                 weighted_rows)
 from cryosgd.pose.shifts import local_shift_grid, shift_grid
 from cryosgd.pose.so3 import angular_step_deg, geodesic_distance_deg
 from cryosgd.pose.symmetry import symmetry_grid, symmetry_group
@@ -77,6 +81,7 @@ _GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the fir
 _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
+_SPREAD = 1.5  # the last iteration's posterior grid: steps of 1.5 σ and 0.75 pixel (docs/refinement.md)
 
 
 @dataclass(frozen=True)
@@ -245,11 +250,19 @@ class _Plan:
     settings: RefineSettings
     group: Tensor
     radius_A: float  # the particle's radius: the local search's coarse levels score the bands it allows
+    last: bool = False  # the last iteration: maps from the posterior grid's poses (``soft_poses``)
 
     @property
     def k(self) -> int:
         """Poses per particle."""
+        if self.posterior:
+            return self.settings.soft_poses
         return self.settings.top_k if self.grid is not None else self.settings.local_k
+
+    @property
+    def posterior(self) -> bool:
+        """Whether the searches end on the posterior grid (:func:`posterior_grid`)."""
+        return self.last and self.settings.soft_poses > 1
 
     @property
     def levels(self) -> int:
@@ -274,7 +287,7 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
     search_grid = symmetry_grid(settings.global_order, inputs.group.to(device, dtype)).matrices \
         if n <= _GLOBAL_ITERATIONS and not settings.local else None
     plan = _Plan(n, band, _first_step_deg(state, search_grid is not None, settings), state.sigma2, search_grid,
-                 settings, inputs.group, inputs.radius_A)
+                 settings, inputs.group, inputs.radius_A, last)
     references = [masked_ft(x, inputs.mask.to(x.device)) for x in state.maps]
     # em updates use the frequencies within twice the band; sgd's keep the whole disc (later
     # iterations step from their states)
@@ -415,10 +428,15 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
                                      live=live)
     candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (plan.levels - 1))
     candidates, order = candidates.best_first()
+    sigma = torch.take_along_dim(sigma, order, 1)[:, 0]
+    if plan.posterior:
+        step = _SPREAD * sigma.nan_to_num(posinf=plan.step_deg).clamp(0.1, plan.step_deg)
+        candidates = posterior_grid(reference, images, candidates, step, _SPREAD * pixel / 2, keep=plan.k,
+                                    interp=settings.interp)
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
                                particle_ids=torch.as_tensor(batch.index))
     if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank
-        found.put(batch.index, candidates, weight, torch.take_along_dim(sigma, order, 1)[:, 0])
+        found.put(batch.index, candidates, weight, sigma)
     rows = weighted_rows(batch, candidates, weight, plan.group)
     pick = torch.as_tensor(np.flatnonzero(found.sample[batch.index]), device=half.device)
     if len(pick):

@@ -110,6 +110,7 @@ class RefineSettings:
     global_order: int = 2  # HEALPix order of the global search (15° at 2)
     top_k: int = 8  # poses kept per particle after the global search
     local_k: int = 2  # poses refined per particle in later iterations
+    soft_poses: int = 8  # poses per particle in the last iteration's map, from a grid at each's accuracy
     max_shift_A: float | None = None  # origins searched within this radius; default 5 original pixels
     band_margin_px: float = 5.0  # the search band reaches this many shells beyond the FSC-0.143 shell
     local: bool = False  # start from the STAR file's poses (local searches only)
@@ -131,6 +132,7 @@ class RefineSettings:
         _at_least("batch-size", self.batch_size, 1)
         _at_least("top-k", self.top_k, 1)
         _at_least("local-k", self.local_k, 1)
+        _at_least("soft-poses", self.soft_poses, 1)
         if not 0 <= self.global_order <= 4:
             raise InputError(None, f"--global-order {self.global_order}: expected 0 to 4")
 
