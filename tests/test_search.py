@@ -156,13 +156,14 @@ def test_posterior_grid_keeps_the_most_likely_poses_of_the_cube_around_each_pose
     volume_ft, images, rotations, shifts = _images(3, noise=0.5, seed=6)
     steps_deg, step_A, keep = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), 0.6, 5
     start = Candidates(rotations[:, None], shifts[:, None], torch.zeros(3, 1, dtype=torch.float64))
-    found = posterior_grid(volume_ft, images, start, steps_deg, step_A, keep=keep, chunk=2)
+    found = posterior_grid(volume_ft, images, start, steps_deg, step_A, keep=keep,
+                           max_block_elements=2 * 27 * len(images.freq_px))  # two images a chunk
     x = images.images_ft
     for b in range(3):
         scored = []
         for c in cube_offsets(1, dtype=torch.float64):
             rotation = rotations[b] @ exp_map(math.radians(float(steps_deg[b])) * c)
-            for dx, dy in ((x, y) for y in (-1, 0, 1) for x in (-1, 0, 1)):
+            for dx, dy in ((i, j) for j in (-1, 0, 1) for i in (-1, 0, 1)):
                 origin = shifts[b] + step_A * torch.tensor([dx, dy], dtype=torch.float64)
                 model = images.ctf[b] * phase_ramps(images.freq_invA, origin[None])[0] * extract(
                     volume_ft, rotation[None], images.freq_px)[0]

@@ -190,17 +190,20 @@ def local_search(volume_ft: Tensor, images: BandImages, start: Candidates, *, st
 
 
 def posterior_grid(volume_ft: Tensor, images: BandImages, start: Candidates, step_deg: Tensor, step_A: float, *,
-                   keep: int, interp: Interp = "trilinear", chunk: int = 64) -> Candidates:
-    """The ``keep`` most likely poses of a grid around each particle's first pose: the 3³ cube
-    of rotations ``R·exp(h·c)``, ``c ∈ {−1, 0, 1}³``, of the particle's step ``h = step_deg (B,)``,
-    times the 3 × 3 origins ``t + step_A·{−1, 0, 1}²``, best first, on the whole band.
+                   keep: int, interp: Interp = "trilinear", max_block_elements: int = 2**24) -> Candidates:
+    """The ``keep`` most likely poses of a grid around each particle's first pose (``start``:
+    ``(B, K, …)`` candidates): the 3³ cube of rotations ``R·exp(h·c)``, ``c ∈ {−1, 0, 1}³``, of
+    the particle's step ``h = step_deg (B,)``, times the 3 × 3 origins ``t + step_A·{−1, 0, 1}²``,
+    scored on the whole band; returns ``(B, keep)`` :class:`Candidates`, best first.
 
     Those poses and their log-likelihoods stand for the particle's posterior near its best
     pose (a map update weighs each by it, as RELION's expectation step weighs every sampled
-    pose), where the star search's parabolas keep only its peak and curvature."""
+    pose), where the star search's parabolas keep only its peak and curvature. Images are
+    scored in chunks whose slices hold at most ``max_block_elements`` values."""
     real = images.ctf.dtype
     cube = cube_offsets(1, device=step_deg.device, dtype=real)  # (27, 3)
     offsets = torch.tensor(_SHIFTS, dtype=real, device=step_deg.device) * step_A
+    chunk = max(1, max_block_elements // (len(cube) * images.freq_px.shape[0]))
     parts = []
     for begin in range(0, len(images), chunk):
         rows = slice(begin, begin + chunk)

@@ -81,7 +81,9 @@ _GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the fir
 _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
-_SPREAD = 1.5  # the last iteration's posterior grid: steps of 1.5 σ and 0.75 pixel (docs/refinement.md)
+_EM_ROWS = 2000  # (image, pose, symmetry mate) rows per batch of an em pass, at most
+_SPREAD = 1.5  # the last iteration's posterior grid: rotation steps of 1.5 σ (docs/refinement.md) …
+_GRID_SHIFT_PX = 0.75  # … and origin steps of 0.75 working pixel
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,10 @@ class _Plan:
 
     @property
     def temperature(self) -> float:
-        return _TEMPERATURES[self.iteration - 1] if self.iteration <= len(_TEMPERATURES) else 1.0
+        """τ of the posterior weights: 3 and 2 in iterations 1 and 2, else (and on the posterior grid) 1."""
+        if self.posterior or self.iteration > len(_TEMPERATURES):
+            return 1.0
+        return _TEMPERATURES[self.iteration - 1]
 
 
 def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSettings, state: RefineState):
@@ -403,9 +408,9 @@ def _search_half(half: HalfSet, reference: Tensor, plan: _Plan, previous: PoseTa
 
 
 def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, previous: PoseTable | None,
-                  found: _Found) -> Batch:
-    """Search the images of ``batch``, record their poses in ``found``, and return their
-    (image, pose) rows with posterior weights."""
+                  found: _Found) -> tuple[Candidates, Tensor]:
+    """Search the images of ``batch``, record their poses in ``found``, and return them with
+    their ``(B, K)`` posterior weights."""
     settings, pixel = plan.settings, half.grid.work_pixel_A
     images = BandImages.of(batch, half.grid, plan.band_px, plan.sigma2)
     rows_index = torch.as_tensor(batch.index, device=half.device)
@@ -429,22 +434,21 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     candidates = _distinct(candidates, plan.final_step_deg, step_A / 2 ** (plan.levels - 1))
     candidates, order = candidates.best_first()
     sigma = torch.take_along_dim(sigma, order, 1)[:, 0]
-    if plan.posterior:
-        step = _SPREAD * sigma.nan_to_num(posinf=plan.step_deg).clamp(0.1, plan.step_deg)
-        candidates = posterior_grid(reference, images, candidates, step, _SPREAD * pixel / 2, keep=plan.k,
-                                    interp=settings.interp)
+    if plan.posterior:  # the grid around the best pose (a second, weaker basin's pose is dropped)
+        grid_step_deg = _SPREAD * sigma.nan_to_num(posinf=plan.step_deg).clamp(0.1, plan.step_deg)
+        candidates = posterior_grid(reference, images, candidates, grid_step_deg, _GRID_SHIFT_PX * pixel,
+                                    keep=plan.k, interp=settings.interp)
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
                                particle_ids=torch.as_tensor(batch.index))
     if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank
         found.put(batch.index, candidates, weight, sigma)
-    rows = weighted_rows(batch, candidates, weight, plan.group)
     pick = torch.as_tensor(np.flatnonzero(found.sample[batch.index]), device=half.device)
     if len(pick):
         ones = torch.ones(len(pick), 1, dtype=weight.dtype, device=weight.device)
         best = weighted_rows(batch.take(pick), candidates.first(pick), ones, plan.group[:1])
         power, counts = residual_power(LeastSquares(half.model, 0.0), reference, best, len(half.table.optics))
         found.power, found.counts = found.power + power, found.counts + counts
-    return rows
+    return candidates, weight
 
 
 def noise_sample(groups: np.ndarray, size: int = _NOISE_IMAGES) -> np.ndarray:
@@ -475,8 +479,8 @@ def _distinct(candidates: Candidates, step_deg: float, step_A: float) -> Candida
 
 
 def _em_update(halves: list[HalfSet], poses: list[PoseTable], group: Tensor, sigma2: Tensor):
-    """One pass per half over its (image, pose) rows: each half's one-pass map under the Wiener
-    prior from the FSC of the two."""
+    """One pass per half over its (image, pose) rows, at most ``_EM_ROWS`` in a batch: each
+    half's one-pass map under the Wiener prior from the FSC of the two."""
     def rows_of(table: PoseTable):
         def rows(batch: Batch, x) -> Batch:
             index = torch.as_tensor(batch.index, device=table.weight.device)
@@ -484,6 +488,8 @@ def _em_update(halves: list[HalfSet], poses: list[PoseTable], group: Tensor, sig
             return weighted_rows(batch, candidates, table.weight[index], group)
         return rows
 
+    per_image = max(int((p.weight > 0).sum(1).max()) for p in poses) * group.shape[0]  # the same on every rank
+    halves = [h.in_batches_of(max(1, _EM_ROWS // per_image)) for h in halves]
     states = [initial_state(h, data_terms(h, sigma2, rows=rows_of(p)), sigma2) for h, p in zip(halves, poses)]
     ssnr = ssnr_between(*(one_pass_map(h, s) for h, s in zip(halves, states)))
     states = [with_prior(h, s, ssnr) for h, s in zip(halves, states)]
@@ -495,7 +501,8 @@ def _sgd_update(half: HalfSet, state: HalfState, x: Tensor, plan: _Plan, previou
     """One epoch of Algorithm 1 from ``x``, each minibatch's poses searched against the current
     (masked) map first."""
     def rows(batch: Batch, current: Tensor) -> Batch:
-        return _search_batch(half, batch, masked_ft(current, mask.to(current.device)), plan, previous, found)
+        found_here = _search_batch(half, batch, masked_ft(current, mask.to(current.device)), plan, previous, found)
+        return weighted_rows(batch, *found_here, plan.group)
 
     stepped, _ = run_epoch(half, replace(state, x=x), plan.iteration, rows=rows)
     return stepped
