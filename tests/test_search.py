@@ -150,29 +150,30 @@ def test_star_scores_equal_the_log_likelihood_of_each_pose_computed_alone():
                     torch.testing.assert_close(scores[b, k, j, r], expected, rtol=1e-9, atol=1e-9)
 
 
-def test_posterior_grid_keeps_the_most_likely_poses_of_the_cube_around_each_pose():
-    """Each particle's kept poses are the best of all 27 × 9 grid poses at its own step, each
-    scored alone (float64), best first."""
+def test_posterior_grid_keeps_the_most_likely_rotations_of_the_grid_around_each_pose():
+    """Each particle's kept poses are the best of the 19 grid rotations (the 3³ cube at its own
+    step without its corners) at its origin, each scored alone (float64), best first."""
     volume_ft, images, rotations, shifts = _images(3, noise=0.5, seed=6)
-    steps_deg, step_A, keep = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), 0.6, 5
+    steps_deg, keep = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), 5
     start = Candidates(rotations[:, None], shifts[:, None], torch.zeros(3, 1, dtype=torch.float64))
-    found = posterior_grid(volume_ft, images, start, steps_deg, step_A, keep=keep,
-                           max_block_elements=2 * 27 * len(images.freq_px))  # two images a chunk
+    found = posterior_grid(volume_ft, images, start, steps_deg, keep=keep,
+                           max_block_elements=2 * 19 * len(images.freq_px))  # two images a chunk
     x = images.images_ft
     for b in range(3):
         scored = []
         for c in cube_offsets(1, dtype=torch.float64):
+            if c.abs().sum() == 3:
+                continue
             rotation = rotations[b] @ exp_map(math.radians(float(steps_deg[b])) * c)
-            for dx, dy in ((i, j) for j in (-1, 0, 1) for i in (-1, 0, 1)):
-                origin = shifts[b] + step_A * torch.tensor([dx, dy], dtype=torch.float64)
-                model = images.ctf[b] * phase_ramps(images.freq_invA, origin[None])[0] * extract(
-                    volume_ft, rotation[None], images.freq_px)[0]
-                value = 0.5 * (images.weight[b] * (x[b].abs() ** 2 - (x[b] - model).abs() ** 2)).sum()
-                scored.append((float(value), rotation, origin))
+            model = images.ctf[b] * phase_ramps(images.freq_invA, shifts[b][None])[0] * extract(
+                volume_ft, rotation[None], images.freq_px)[0]
+            value = 0.5 * (images.weight[b] * (x[b].abs() ** 2 - (x[b] - model).abs() ** 2)).sum()
+            scored.append((float(value), rotation))
+        assert len(scored) == 19
         best = sorted(scored, key=lambda item: -item[0])[:keep]
-        torch.testing.assert_close(found.log_likelihood[b], torch.tensor([v for v, _, _ in best], dtype=torch.float64))
-        torch.testing.assert_close(found.rotations[b], torch.stack([r for _, r, _ in best]))
-        torch.testing.assert_close(found.shift_A[b], torch.stack([t for _, _, t in best]))
+        torch.testing.assert_close(found.log_likelihood[b], torch.tensor([v for v, _ in best], dtype=torch.float64))
+        torch.testing.assert_close(found.rotations[b], torch.stack([r for _, r in best]))
+        torch.testing.assert_close(found.shift_A[b], shifts[b].expand(keep, 2))
 
 
 def test_the_particle_radius_is_the_farthest_voxel_of_the_mask():

@@ -23,17 +23,18 @@ from cryosgd.fourier.slice import Interp, extract, insert_many
 from cryosgd.model.ctf import ctf_values
 
 
-def _phase(freq_px: Tensor, step_invA: float, shift_A: Tensor) -> Tensor:
-    """``(B, P)`` complex exp(+2πi k · origin).
+def _phase(freq_px: Tensor, step_invA: float, shift_A: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, P)`` complex exp(+2πi k · origin) of complex ``dtype``.
 
     The factor separates, exp(2πi (kx tx + ky ty)) = exp(2πi kx tx) · exp(2πi ky ty): a table per
-    particle and frequency index on each axis, and one product per (particle, pixel) instead of
-    a sine and a cosine (``conventions.shift_phase``'s values, to rounding).
+    particle and frequency index on each axis, its angles in float64 (they reach hundreds of
+    radians), and one product per (particle, pixel) in ``dtype`` instead of a sine and a cosine
+    (``conventions.shift_phase``'s values, to rounding).
     """
     index = freq_px.long()
     steps = torch.arange(-int(index.abs().max()), int(index.abs().max()) + 1, device=shift_A.device)
-    tables = [torch.polar(torch.ones_like(a), a) for a in
-              (2 * math.pi * step_invA * shift_A[:, axis, None] * steps for axis in (0, 1))]
+    tables = [torch.polar(torch.ones_like(a), a).to(dtype) for a in
+              (2 * math.pi * step_invA * shift_A[:, axis, None].double() * steps for axis in (0, 1))]
     offset = steps.shape[0] // 2
     return tables[0][:, index[:, 0] + offset] * tables[1][:, index[:, 1] + offset]
 
@@ -59,30 +60,31 @@ class ForwardModel:
     def modulation(self, batch: Batch, dtype) -> Tensor:
         """``(B, P)`` complex factor CTF · phase applied after slicing, cached on the (immutable) batch.
 
-        Evaluated in float64 (phases and CTF arguments reach hundreds of radians), then cast.
+        The phase angles and the CTF are evaluated in float64 (their arguments reach hundreds of
+        radians), the product in the working precision.
         """
         sources = (batch.shift_A, *(batch.ctf.columns() if self.use_ctf and batch.ctf is not None else ()))
         return batch.derived(("modulation", self.grid, dtype), sources, lambda: self._modulation(batch, dtype))
 
     def _modulation(self, batch: Batch, dtype) -> Tensor:
         freq_px = self.grid.freq_px.to(device=batch.shift_A.device)
-        factor = _phase(freq_px, self.grid.freq_step_invA, batch.shift_A.to(torch.float64))
+        factor = _phase(freq_px, self.grid.freq_step_invA, batch.shift_A, torch.promote_types(dtype, torch.complex64))
         if self.use_ctf and batch.ctf is not None:
-            factor = factor * self._ctf(batch)
-        return factor.to(torch.promote_types(dtype, torch.complex64))
+            factor = factor * self._ctf(batch, factor.real.dtype)
+        return factor
 
-    def _ctf(self, batch: Batch) -> Tensor:
-        """``(B, P)`` float64 CTF values, cached; the rows of a :meth:`Batch.take` are gathered
-        from their source batch's (one evaluation per image, however many poses it has), unless
-        their own CTF parameters were edited in place since."""
+    def _ctf(self, batch: Batch, dtype: torch.dtype) -> Tensor:
+        """``(B, P)`` CTF values evaluated in float64 and kept in ``dtype``, cached; the rows of a
+        :meth:`Batch.take` are gathered from their source batch's (one evaluation per image,
+        however many poses it has), unless their own CTF parameters were edited in place since."""
         if batch.source is not None and batch.source.gathers_ctf_of(batch):
-            return self._ctf(batch.source.parent)[batch.source.rows]
+            return self._ctf(batch.source.parent, dtype)[batch.source.rows]
 
         def evaluate() -> Tensor:
             freq_invA = self.grid.freq_invA().to(device=batch.ctf.defocus_u_A.device)
-            return ctf_values(batch.ctf.to(dtype=torch.float64), freq_invA)
+            return ctf_values(batch.ctf.to(dtype=torch.float64), freq_invA).to(dtype)
 
-        return batch.derived(("ctf", self.grid), batch.ctf.columns(), evaluate)
+        return batch.derived(("ctf", self.grid, dtype), batch.ctf.columns(), evaluate)
 
     def _freq_px(self, like: Tensor) -> Tensor:
         return self.pad * self.grid.freq_px.to(device=like.device, dtype=like.real.dtype)

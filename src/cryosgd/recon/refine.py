@@ -82,8 +82,7 @@ _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost g
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 _EM_ROWS = 2000  # (image, pose, symmetry mate) rows per batch of an em pass, at most
-_SPREAD = 1.5  # the last iteration's posterior grid: rotation steps of 1.5 σ (docs/refinement.md) …
-_GRID_SHIFT_PX = 0.75  # … and origin steps of 0.75 working pixel
+_SPREAD = 1.5  # the last iteration's posterior grid: rotation steps of 1.5 σ (docs/refinement.md)
 
 
 @dataclass(frozen=True)
@@ -436,8 +435,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     sigma = torch.take_along_dim(sigma, order, 1)[:, 0]
     if plan.posterior:  # the grid around the best pose (a second, weaker basin's pose is dropped)
         grid_step_deg = _SPREAD * sigma.nan_to_num(posinf=plan.step_deg).clamp(0.1, plan.step_deg)
-        candidates = posterior_grid(reference, images, candidates, grid_step_deg, _GRID_SHIFT_PX * pixel,
-                                    keep=plan.k, interp=settings.interp)
+        candidates = posterior_grid(reference, images, candidates, grid_step_deg, keep=plan.k, interp=settings.interp)
     weight = posterior_weights(candidates.log_likelihood.double(), plan.temperature,
                                particle_ids=torch.as_tensor(batch.index))
     if batch.weight is None or bool(batch.weight.any()):  # not the empty share of this rank

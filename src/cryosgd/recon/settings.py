@@ -132,9 +132,8 @@ class RefineSettings:
         _at_least("batch-size", self.batch_size, 1)
         _at_least("top-k", self.top_k, 1)
         _at_least("local-k", self.local_k, 1)
-        if not 1 <= self.soft_poses <= 243:
-            raise InputError(None, f"--soft-poses {self.soft_poses}: expected 1 to 243 "
-                                   "(the grid's 27 rotations × 9 origins)")
+        if not 1 <= self.soft_poses <= 19:
+            raise InputError(None, f"--soft-poses {self.soft_poses}: expected 1 to 19 (the grid's rotations)")
         if not 0 <= self.global_order <= 4:
             raise InputError(None, f"--global-order {self.global_order}: expected 0 to 4")
 
