@@ -181,8 +181,9 @@ def _refine_args(commands) -> None:
     p.add_argument("--max-iter", type=COUNT, default=20, metavar="N", help="most iterations (default: 20)")
     p.add_argument("--local", action="store_true", help="start from the STAR file's poses (local searches only)")
     p.add_argument("--soft-poses", type=COUNT, default=8, metavar="N",
-                   help="poses per particle in the last iteration's maps, the most likely of a grid around its best "
-                        "pose, weighed by their posterior; 1: no grid, the last iteration as the others (default: 8)")
+                   help="poses per particle in the maps of the iterations without a global search and of the last, "
+                        "the most likely of a grid around its best pose, weighed by their posterior; 1: the best pose "
+                        "alone (default: 8)")
     p.add_argument("--max-shift", type=POSITIVE, metavar="Å", help="origins searched within this radius "
                                                                     "(default: 5 pixels)")
     p.add_argument("--join-res", type=POSITIVE, default=40.0, metavar="Å",

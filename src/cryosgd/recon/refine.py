@@ -10,9 +10,12 @@ Iteration n, for each half-set independently (docs/refinement.md):
    low-resolution reference and then the first map misassigned; then, at every iteration,
    local refinement of the kept poses (:func:`cryosgd.pose.search.local_search`: after a
    global search, two levels from a quarter of the grid's step or the particles' angular
-   accuracy σ if larger; in the other iterations one level of step 2σ). Posterior weights
-   over a particle's poses (a softmax of the log-likelihoods tempered by τ = 3, 2, then 1)
-   make (image, pose) rows, one per symmetry mate.
+   accuracy σ if larger; in the other iterations one level of step 2σ, which then ends on each
+   particle's posterior grid: its ``soft_poses`` most likely of the 19 rotations around the
+   best pose at step 1.5σ (:func:`cryosgd.pose.search.posterior_grid`). Posterior weights over
+   a particle's poses (a softmax of the log-likelihoods tempered by τ = 3, 2, then 1) make
+   (image, pose) rows, one per symmetry mate: the best pose alone would put each image where
+   its noise best matches the reference, and the map would inherit that.
 2. **Update** each half's map from its rows: ``em`` (the default) is one pass — b, diag(H) and
    H·1 of the weighted rows, the Wiener prior from the FSC of the two one-pass maps, the
    one-pass map (RELION's scheme); ``sgd`` runs one epoch of preconditioned SGD from the last
@@ -24,10 +27,8 @@ Iteration n, for each half-set independently (docs/refinement.md):
    re-estimated from the residuals of the search.
 
 It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002,
-or at ``max_iter``: one last iteration then searches at Nyquist and updates by ``em`` from each
-particle's ``soft_poses`` most likely poses of a grid around its best one
-(:func:`cryosgd.pose.search.posterior_grid`), weighted by their posterior: the best pose alone
-puts each image where its noise best matches the reference, and the map would inherit that.
+or at ``max_iter``: one last iteration then searches at Nyquist, ends on the posterior grid and
+updates by ``em`` — unless the stalled iteration already did all three.
 A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
 """
 
@@ -251,7 +252,7 @@ class _Plan:
     settings: RefineSettings
     group: Tensor
     radius_A: float  # the particle's radius: the local search's coarse levels score the bands it allows
-    last: bool = False  # the last iteration: maps from the posterior grid's poses (``soft_poses``)
+    last: bool = False  # the last iteration (at Nyquist)
 
     @property
     def k(self) -> int:
@@ -263,7 +264,15 @@ class _Plan:
     @property
     def posterior(self) -> bool:
         """Whether the searches end on the posterior grid (:func:`posterior_grid`)."""
-        return self.last and self.settings.soft_poses > 1
+        return _on_grid(self.iteration, self.last, self.settings)
+
+    @property
+    def start_k(self) -> int:
+        """Poses per particle that a local search starts from: the best alone after an
+        iteration that ended on the posterior grid (its other poses are the best one's
+        neighbours), else ``local_k``."""
+        after_grid = self.iteration > 1 and _on_grid(self.iteration - 1, False, self.settings)
+        return 1 if after_grid else self.settings.local_k
 
     @property
     def levels(self) -> int:
@@ -280,6 +289,13 @@ class _Plan:
         if self.posterior or self.iteration > len(_TEMPERATURES):
             return 1.0
         return _TEMPERATURES[self.iteration - 1]
+
+
+def _on_grid(iteration: int, last: bool, settings: RefineSettings) -> bool:
+    """Whether iteration ``iteration``'s searches end on the posterior grid: with ``soft_poses``
+    > 1, the last iteration and every one without a global search."""
+    local = settings.local or iteration > _GLOBAL_ITERATIONS
+    return settings.soft_poses > 1 and (last or local)
 
 
 def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSettings, state: RefineState):
@@ -319,8 +335,10 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
            "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
     stalled = 0 if curve.mean() > state.fsc_mean + _STALLED else state.stalled + 1
+    # a stalled iteration at Nyquist on the posterior grid is what the last one would repeat
+    final = last or (n >= 3 and stalled >= 1 and plan.posterior and band >= grid.work_box_px / 2 - 1)
     return RefineState(n, tuple(maps), tuple(poses), sigma2, _next_band(curve, grid, settings, state.band_px),
-                       min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, last, tuple(states)), row
+                       min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, final, tuple(states)), row
 
 
 def _first_step_deg(state: RefineState, after_global: bool, settings: RefineSettings) -> float:
@@ -424,7 +442,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
         band = BandImages.of(batch, half.grid, min(plan.band_px, _GLOBAL_BAND_PX), plan.sigma2)
         start = global_search(reference, band, plan.grid, shifts, top_k=settings.local_k, interp=settings.interp)
     else:
-        start = previous.candidates(rows_index, settings.local_k)
+        start = previous.candidates(rows_index, plan.start_k)
         live = previous.weight[rows_index, :start.rotations.shape[1]] > 0
     step_A = pixel * plan.step_deg / angular_step_deg(settings.global_order)
     candidates, sigma = local_search(reference, images, start, step_deg=plan.step_deg, step_A=step_A,
