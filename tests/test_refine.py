@@ -182,6 +182,52 @@ def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_pa
                                    atol=1e-3 * np.abs(expected).max())
 
 
+def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_exactly(dataset, tmp_path,
+                                                                                       monkeypatch):
+    """``--local`` from the true poses: every iteration ends on the posterior grid; the run
+    stops at the first stalled em iteration at Nyquist (from the third), not one later. With
+    ``--update sgd`` an sgd iteration is never the last. A run killed after two iterations
+    resumes from poses of the grid to the uninterrupted run's maps."""
+    import cryosgd.recon.refine as refine
+    star, truth = dataset
+    nyquist = BOX / 2 - 1
+
+    def run(out, *extra):
+        code, text = run_cli("refine", star, "--ref", truth, "--local", "--ini-res", 9, "--max-iter", 8,
+                             "--batch-size", 400, "-o", out, *extra)
+        assert code == 0, text
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    metrics = run(tmp_path / "em")
+    assert 3 <= len(metrics) < 8, [m["fsc_mean"] for m in metrics]
+    assert metrics[-1]["band_px"] == nyquist and metrics[-1]["update"] == "em"
+    assert metrics[-1]["fsc_mean"] < metrics[-2]["fsc_mean"] + 0.002  # stalled
+    assert all(m["fsc_mean"] >= before["fsc_mean"] + 0.002 or m["band_px"] < nyquist
+               for before, m in zip(metrics[1:-1], metrics[2:-1]))  # no earlier stall at Nyquist
+    sgd = run(tmp_path / "sgd", "--update", "sgd")
+    assert sgd[-1]["update"] == "em", [m["update"] for m in sgd]
+
+    real_save, saved = refine._Run.save, []
+
+    def killed_after_two(self, state, metrics):
+        real_save(self, state, metrics)
+        saved.append(state.iteration)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine._Run, "save", killed_after_two)
+    code, _ = run_cli("refine", star, "--ref", truth, "--local", "--ini-res", 9, "--max-iter", 8,
+                      "--batch-size", 400, "-o", tmp_path / "killed")
+    assert code == 130
+    monkeypatch.setattr(refine._Run, "save", real_save)
+    resumed = run(tmp_path / "killed", "--resume")
+    assert [m["iteration"] for m in resumed] == [m["iteration"] for m in metrics]
+    for name in ("half1.mrc", "half2.mrc"):
+        expected = read_map(tmp_path / "em" / name)[0]
+        np.testing.assert_allclose(read_map(tmp_path / "killed" / name)[0], expected, rtol=0,
+                                   atol=1e-3 * np.abs(expected).max())
+
+
 def test_relion_reconstructs_the_written_poses_into_the_same_map(dataset, refined, tmp_path, relion):
     """The image names are the input STAR's (as RELION keeps them): RELION runs from its folder."""
     star, _ = dataset

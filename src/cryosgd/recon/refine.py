@@ -8,14 +8,15 @@ Iteration n, for each half-set independently (docs/refinement.md):
    poses; at the second and third, a global search again against the last map (origins within
    a pixel of the last, the band capped at 24 Fourier pixels), which catches the particles the
    low-resolution reference and then the first map misassigned; then, at every iteration,
-   local refinement of the kept poses (:func:`cryosgd.pose.search.local_search`: after a
-   global search, two levels from a quarter of the grid's step or the particles' angular
-   accuracy σ if larger; in the other iterations one level of step 2σ, which then ends on each
-   particle's posterior grid: its ``soft_poses`` most likely of the 19 rotations around the
-   best pose at step 1.5σ (:func:`cryosgd.pose.search.posterior_grid`). Posterior weights over
-   a particle's poses (a softmax of the log-likelihoods tempered by τ = 3, 2, then 1) make
-   (image, pose) rows, one per symmetry mate: the best pose alone would put each image where
-   its noise best matches the reference, and the map would inherit that.
+   local refinement of the kept poses (:func:`cryosgd.pose.search.local_search`; the best
+   alone after an iteration on the posterior grid): after a global search, two levels from a
+   quarter of the grid's step or the particles' angular accuracy σ if larger; in the other
+   iterations one level of step 2σ, which then ends on each particle's posterior grid: its
+   ``soft_poses`` most likely of the 19 rotations around the best pose at step 1.5σ
+   (:func:`cryosgd.pose.search.posterior_grid`). Posterior weights over a particle's poses (a
+   softmax of the log-likelihoods tempered by τ = 3, 2, then 1; 1 on the grid) make (image,
+   pose) rows, one per symmetry mate: the best pose alone would put each image where its
+   noise best matches the reference, and the map would inherit that.
 2. **Update** each half's map from its rows: ``em`` (the default) is one pass — b, diag(H) and
    H·1 of the weighted rows, the Wiener prior from the FSC of the two one-pass maps, the
    one-pass map (RELION's scheme); ``sgd`` runs one epoch of preconditioned SGD from the last
@@ -28,7 +29,7 @@ Iteration n, for each half-set independently (docs/refinement.md):
 
 It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002,
 or at ``max_iter``: one last iteration then searches at Nyquist, ends on the posterior grid and
-updates by ``em`` — unless the stalled iteration already did all three.
+updates by ``em`` — unless the stalled iteration already did all three, which is then the last.
 A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
 """
 
@@ -83,7 +84,8 @@ _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost g
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 _EM_ROWS = 2000  # (image, pose, symmetry mate) rows per batch of an em pass, at most
-_SPREAD = 1.5  # the last iteration's posterior grid: rotation steps of 1.5 σ (docs/refinement.md)
+_SPREAD = 1.5  # the posterior grid's rotation steps: 1.5 σ (docs/refinement.md)
+_SCHEDULE = 2  # the iterations' plan; a checkpoint of another resumes nothing (2: local iterations on the grid)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class RefineInput:
     def identity(self, settings: RefineSettings) -> dict:
         """What a checkpoint is resumed only with (as :meth:`ReconstructionInput.identity`)."""
         return {"star": str(self.star.resolve()), "particles": self.table.digest(), "stacks": self.stack.files(),
-                "settings": settings.identity()}
+                "settings": {**settings.identity(), "schedule": _SCHEDULE}}
 
 
 def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
@@ -335,8 +337,9 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
            "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
     stalled = 0 if curve.mean() > state.fsc_mean + _STALLED else state.stalled + 1
-    # a stalled iteration at Nyquist on the posterior grid is what the last one would repeat
-    final = last or (n >= 3 and stalled >= 1 and plan.posterior and band >= grid.work_box_px / 2 - 1)
+    # a stalled em iteration at Nyquist on the posterior grid is what the last one would repeat
+    final = last or (row["update"] == "em" and n >= 3 and stalled >= 1 and plan.posterior
+                     and band >= grid.work_box_px / 2 - 1)
     return RefineState(n, tuple(maps), tuple(poses), sigma2, _next_band(curve, grid, settings, state.band_px),
                        min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, final, tuple(states)), row
 
