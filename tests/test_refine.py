@@ -41,6 +41,11 @@ def refined(dataset, tmp_path_factory):
     return out
 
 
+def _metrics(out) -> list[dict]:
+    """The rows of a refinement's ``metrics.jsonl``, one per iteration."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _errors_deg(truth_star, refined_star):
     truth, found = read_particles(truth_star), read_particles(refined_star)
     a = euler_to_matrix(torch.tensor(truth.angles_deg))
@@ -51,7 +56,7 @@ def _errors_deg(truth_star, refined_star):
 def test_refinement_recovers_the_poses_and_the_map(dataset, refined, tmp_path):
     star, truth_path = dataset
     rotation_error, shift_error = _errors_deg(star, refined / "particles.star")
-    metrics = [json.loads(line) for line in (refined / "metrics.jsonl").read_text().splitlines()]
+    metrics = _metrics(refined)
     # measured 1.30° (1.39° with best poses alone): what half maps of 600 particles
     # allow (the same search against the true map finds these poses to 0.1°,
     # tests/test_search.py)
@@ -78,7 +83,7 @@ def test_refinement_by_sgd_updates_recovers_the_poses_and_the_map_too(dataset, r
     code, text = run_cli("refine", star.parent / "no_poses.star", "--ref", truth_path, "-o", out, "--max-iter", 6,
                          "--batch-size", 400, "--update", "sgd")
     assert code == 0, text
-    updates = [json.loads(line)["update"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [m["update"] for m in _metrics(out)]
     assert updates[0] == updates[-1] == "em" and "sgd" in updates[1:-1], updates
     rotation_error, _ = _errors_deg(star, out / "particles.star")
     assert np.median(rotation_error) < 2.0 and np.mean(rotation_error > 10) < 0.01
@@ -158,9 +163,10 @@ def test_sigma2_comes_from_the_noise_sample_at_its_best_poses(dataset, monkeypat
     assert float(moved.max()) > 0.1  # the search moved the poses: the residuals are at the found ones
 
 
-def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_path, monkeypatch):
+def _killed_after_two_then_resumed(monkeypatch, *args) -> None:
+    """``cryosgd *args`` interrupted (as by Ctrl-C) after its second checkpoint, then run again
+    with ``--resume`` to the end."""
     import cryosgd.recon.refine as refine
-    star, truth = dataset
     real_save, saved = refine._Run.save, []
 
     def killed_after_two(self, state, metrics):
@@ -170,16 +176,24 @@ def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_pa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(refine._Run, "save", killed_after_two)
-    args = ("refine", star.parent / "no_poses.star", "--ref", truth, "-o", tmp_path / "r", "--max-iter", 6, "--batch-size", 400)
     code, text = run_cli(*args)
     assert code == 130 and "--resume" in text.splitlines()[-1], text
     monkeypatch.setattr(refine._Run, "save", real_save)
     code, text = run_cli(*args, "--resume")
     assert code == 0, text
+
+
+def _assert_same_half_maps(found, expected):
     for name in ("half1.mrc", "half2.mrc"):
-        expected = read_map(refined / name)[0]
-        np.testing.assert_allclose(read_map(tmp_path / "r" / name)[0], expected, rtol=0,
-                                   atol=1e-3 * np.abs(expected).max())
+        want = read_map(expected / name)[0]
+        np.testing.assert_allclose(read_map(found / name)[0], want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
+def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_path, monkeypatch):
+    star, truth = dataset
+    _killed_after_two_then_resumed(monkeypatch, "refine", star.parent / "no_poses.star", "--ref", truth,
+                                   "-o", tmp_path / "r", "--max-iter", 6, "--batch-size", 400)
+    _assert_same_half_maps(tmp_path / "r", refined)
 
 
 def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_exactly(dataset, tmp_path,
@@ -188,7 +202,6 @@ def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_e
     stops at the first stalled em iteration at Nyquist (from the third), not one later. With
     ``--update sgd`` an sgd iteration is never the last. A run killed after two iterations
     resumes from poses of the grid to the uninterrupted run's maps."""
-    import cryosgd.recon.refine as refine
     star, truth = dataset
     nyquist = BOX / 2 - 1
 
@@ -196,7 +209,7 @@ def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_e
         code, text = run_cli("refine", star, "--ref", truth, "--local", "--ini-res", 9, "--max-iter", 8,
                              "--batch-size", 400, "-o", out, *extra)
         assert code == 0, text
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return _metrics(out)
 
     metrics = run(tmp_path / "em")
     assert 3 <= len(metrics) < 8, [m["fsc_mean"] for m in metrics]
@@ -207,25 +220,10 @@ def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_e
     sgd = run(tmp_path / "sgd", "--update", "sgd")
     assert sgd[-1]["update"] == "em", [m["update"] for m in sgd]
 
-    real_save, saved = refine._Run.save, []
-
-    def killed_after_two(self, state, metrics):
-        real_save(self, state, metrics)
-        saved.append(state.iteration)
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(refine._Run, "save", killed_after_two)
-    code, _ = run_cli("refine", star, "--ref", truth, "--local", "--ini-res", 9, "--max-iter", 8,
-                      "--batch-size", 400, "-o", tmp_path / "killed")
-    assert code == 130
-    monkeypatch.setattr(refine._Run, "save", real_save)
-    resumed = run(tmp_path / "killed", "--resume")
-    assert [m["iteration"] for m in resumed] == [m["iteration"] for m in metrics]
-    for name in ("half1.mrc", "half2.mrc"):
-        expected = read_map(tmp_path / "em" / name)[0]
-        np.testing.assert_allclose(read_map(tmp_path / "killed" / name)[0], expected, rtol=0,
-                                   atol=1e-3 * np.abs(expected).max())
+    _killed_after_two_then_resumed(monkeypatch, "refine", star, "--ref", truth, "--local", "--ini-res", 9,
+                                   "--max-iter", 8, "--batch-size", 400, "-o", tmp_path / "killed")
+    assert [m["iteration"] for m in _metrics(tmp_path / "killed")] == [m["iteration"] for m in metrics]
+    _assert_same_half_maps(tmp_path / "killed", tmp_path / "em")
 
 
 def test_relion_reconstructs_the_written_poses_into_the_same_map(dataset, refined, tmp_path, relion):
