@@ -194,8 +194,8 @@ def posterior_grid(volume_ft: Tensor, images: BandImages, start: Candidates, ste
     """The ``keep`` most likely rotations of a grid around each particle's first pose (``start``:
     ``(B, K, …)`` candidates), at its origin: ``R·exp(h·c)`` for the 19 points ``c`` of
     {−1, 0, 1}³ within √2 of the centre (the centre, 6 faces, 12 edges) of the particle's step
-    ``h = step_deg (B,)``, scored on the whole band; returns ``(B, keep)`` :class:`Candidates`,
-    best first.
+    ``h = step_deg (B,)``, scored on all of the images' band; returns ``(B, keep)``
+    :class:`Candidates`, best first.
 
     Those poses and their log-likelihoods stand for the particle's posterior near its best
     pose (a map update weighs each by it, as RELION's expectation step weighs every sampled
