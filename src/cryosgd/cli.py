@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from cryosgd.errors import InputError
-from cryosgd.resources import quiet_openmp
+from cryosgd.resources import keep_freed_memory, quiet_openmp
 
 
 class _Parser(argparse.ArgumentParser):
@@ -474,6 +474,7 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def entry_point() -> None:
+    keep_freed_memory()  # the process's own choice, so not in main(), which tests call in theirs
     code = main()
     if code == 130:  # interrupted: leave without finalising the interpreter, which a background
         for stream in (sys.stdout, sys.stderr):  # thread stopped mid-work can abort (exit −6)
