@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = ((_M_MMAP_MAX, 0), (_M_TOP_PAD, 256 << 20), (_M_TRIM_THRESHOLD, 2**31 - 1))
