@@ -165,3 +165,28 @@ def test_a_failing_build_warns_once_and_pytorch_takes_over(monkeypatch, tmp_path
         assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_rows_back_project_their_images_values_times_their_weights(monkeypatch, use_native):
+    """``source`` and ``scale``: row r scatters image source[r]'s values times scale[r], as if
+    the values had been repeated and scaled row by row."""
+    grid, values, curvature, _, freq = _problem(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    source, scale = torch.randint(0, 40, (70,), generator=g), torch.rand(70, generator=g, dtype=torch.float64)
+    rotations = random_rotations(70, g).to(torch.float64)
+    got = _run(monkeypatch, use_native, 2, lambda: insert_many(values, curvature, rotations, freq, grid.volume_shape,
+                                                               "trilinear", (2, 1), source, scale))
+    expected = _run(monkeypatch, False, 1, lambda: insert_many(values[:, source] * scale[:, None],
+                                                               curvature[source] * scale[:, None], rotations, freq,
+                                                               grid.volume_shape, "trilinear", (2, 1)))
+    for a, b in zip(got, expected):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-13
+
+
+def test_a_row_of_an_image_that_is_not_there_is_refused(monkeypatch):
+    grid, values, curvature, rotations, freq = _problem(torch.float64)
+    monkeypatch.setenv("CRYOSGD_NATIVE", "1")
+    for source in (torch.full((40,), 40), torch.full((40,), -1)):
+        with pytest.raises(ValueError, match="do not match"):
+            insert_many(values, curvature, rotations, freq, grid.volume_shape, source=source)

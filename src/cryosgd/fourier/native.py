@@ -122,28 +122,37 @@ def gather(centred: Tensor, rotations: Tensor, freq_px: Tensor, nearest: bool) -
 
 
 def scatter(out: Tensor, channels: Tensor, rotations: Tensor, freq_px: Tensor, n: int, nearest: bool,
-            conjugate: tuple[bool, ...], powers: tuple[int, ...]) -> None:
-    """Add ``channels (C, B, P)`` at the slice points of ``rotations (B, 3, 3)`` and
+            conjugate: tuple[bool, ...], powers: tuple[int, ...], source: Tensor | None = None,
+            scale: Tensor | None = None) -> None:
+    """Add ``channels (C, S, P)`` at the slice points of ``rotations (R, 3, 3)`` and
     ``freq_px (P, 2)`` into the centred half-grids ``out (C, (n + 1)² · (n // 2 + 1))``
-    (``slice._insert_corners``' arithmetic). All real, of one dtype, on the CPU."""
+    (``slice._insert_corners``' arithmetic): row r adds image ``source[r]`` (``r`` without
+    ``source (R,)``, then S = R) times ``scale[r]`` (1 without ``scale (R,)``). All real, of one
+    dtype, on the CPU."""
     _check(rotations, freq_px)
+    sources = (0, rotations.shape[0] - 1) if source is None or not len(source) else tuple(map(int, source.aminmax()))
     if not out.is_contiguous() or out.shape != (channels.shape[0], (n + 1) ** 2 * (n // 2 + 1)) or \
-            channels.shape[1:] != (rotations.shape[0], freq_px.shape[0]):
+            channels.shape[2] != freq_px.shape[0] or not 0 <= sources[0] <= sources[1] < channels.shape[1] or \
+            (source is None and channels.shape[1] != rotations.shape[0]) or \
+            any(t is not None and t.shape != (rotations.shape[0],) for t in (source, scale)):
         raise ValueError(f"scatter: channels {tuple(channels.shape)}, rotations {tuple(rotations.shape)}, "
                          f"frequencies {tuple(freq_px.shape)} and accumulator {tuple(out.shape)} do not match")
     channels, rotations, freq_px = (t.to(out.dtype).contiguous() for t in (channels, rotations, freq_px))
-    total = channels.shape[1] * channels.shape[2]
+    source = None if source is None else source.to(torch.int64).contiguous()
+    scale = None if scale is None else scale.to(out.dtype).contiguous()
+    total = rotations.shape[0] * freq_px.shape[0]
     function = getattr(_library(), f"scatter_{_SUFFIX[out.dtype]}")
     flags = [(ctypes.c_int * len(conjugate))(*map(int, conjugate)), (ctypes.c_int * len(powers))(*powers)]
     affordable = 1 + min(total // out.shape[1], _ACCUMULATOR_BYTES // (out.numel() * out.element_size()))
     threads = min(_threads(total), affordable)  # extra accumulators only where the points outweigh them
-    accumulators = [out] + [torch.zeros_like(out) for _ in range(threads - 1)]
+    # channel-last: a point's C values land in the same cache lines (C times fewer lines touched)
+    accumulators = [out.new_zeros(out.shape[1], out.shape[0]) for _ in range(threads)]
     _split(total, threads, lambda start, stop, part: function(
-        _ptr(rotations), _ptr(freq_px), _int(channels.shape[2]), _ptr(channels), _int(channels.shape[0]),
-        _int(total), *flags, ctypes.c_int(int(nearest)), _int(n), _ptr(accumulators[part]), _int(out.shape[1]),
-        _int(start), _int(stop)))
-    for extra in accumulators[1:]:
-        out += extra
+        _ptr(rotations), _ptr(freq_px), _int(freq_px.shape[0]), _ptr(channels), _int(channels.shape[0]),
+        _int(channels.shape[1] * channels.shape[2]), _ptr(source), _ptr(scale), *flags, ctypes.c_int(int(nearest)),
+        _int(n), _ptr(accumulators[part]), _int(start), _int(stop)))
+    for accumulator in accumulators:
+        out += accumulator.T
 
 
 def _check(rotations: Tensor, freq_px: Tensor) -> None:
@@ -152,8 +161,8 @@ def _check(rotations: Tensor, freq_px: Tensor) -> None:
                          f"{tuple(freq_px.shape)} (P, 2)")
 
 
-def _ptr(tensor: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
+def _ptr(tensor: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
 
 
 def _int(value: int) -> ctypes.c_int64:

@@ -275,8 +275,8 @@ def insert(values: Tensor, rotations: Tensor, freq_px: Tensor, shape: tuple[int,
 
 
 def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, freq_px: Tensor,
-                shape: tuple[int, int, int], interp: Interp = "trilinear",
-                powers: tuple[int, ...] = (2,)) -> tuple[Tensor | None, Tensor | None]:
+                shape: tuple[int, int, int], interp: Interp = "trilinear", powers: tuple[int, ...] = (2,),
+                source: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Several back-projections sharing one stencil per chunk of points.
 
     Args:
@@ -285,6 +285,9 @@ def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, f
             ``powers``, or None. Applied to ``c²``, power 2 gives the diagonal of
             ``Σ Pᵀ diag(c²) P`` (the exact Hessian diagonal) and power 1 its row sums, the
             same matrix applied to the all-ones map (trilinear weights sum to 1).
+        source, scale: ``(R,)``: slice r of ``rotations (R, 3, 3)`` back-projects the values of
+            image ``source[r]`` (B images; without ``source``, image r, and B = R) times
+            ``scale[r]`` (1 without). Poses of one image then share its values, unrepeated.
 
     Returns:
         ``(K, n, n, nh)`` complex maps (or None) and ``(len(powers), n, n, nh)`` real maps (or None).
@@ -303,12 +306,14 @@ def insert_many(values: Tensor | None, real: Tensor | None, rotations: Tensor, f
     out = channels[0].new_zeros(len(channels), (n + 1) * (n + 1) * nh)
     if native.available(out, rotations, *channels, powers=tuple(scatter_powers)):
         native.scatter(out, torch.stack(channels), rotations, freq_px, n, _nearest(interp), tuple(conjugate),
-                       tuple(scatter_powers))
+                       tuple(scatter_powers), source, scale)
     else:
         chunk = _chunk_images(freq_px, _SCATTER_CHUNK_POINTS)
         for start in range(0, len(rotations), chunk):
-            _insert_kernel(out, tuple(c[start:start + chunk] for c in channels), rotations[start:start + chunk],
-                           freq_px, n, interp, tuple(conjugate), tuple(scatter_powers))
+            rows = slice(start, start + chunk)
+            picked = tuple(c[rows] if source is None else c[source[rows]] for c in channels)
+            picked = picked if scale is None else tuple(c * scale[rows, None].to(c.dtype) for c in picked)
+            _insert_kernel(out, picked, rotations[rows], freq_px, n, interp, tuple(conjugate), tuple(scatter_powers))
     out = _fold(out.reshape(-1, n + 1, n + 1, nh), n)
     complex_channels = 0 if values is None else 2 * len(values)
     maps = None if values is None else torch.view_as_complex(

@@ -15,15 +15,12 @@
 #include <stdint.h>
 
 #define DEFINE_KERNELS(SUFFIX, REAL, FLOOR)                                                                 \
-/* The stencil of point t: the flat indices `at` of its corners in the centred grid, their                  \
-   weights `w` and the flip `sign`; returns the number of corners (8, or 1 for nearest). */                 \
-static int stencil_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,              \
-                            int nearest, int64_t n, int64_t t, int64_t *at, REAL *w, REAL *sign)            \
+/* The stencil of frequency (kx, ky) under rotation a: the flat indices `at` of its corners in the         \
+   centred grid, their weights `w` and the flip `sign`; returns the number of corners (8, or 1). */         \
+static inline int stencil_##SUFFIX(const REAL *a, REAL kx, REAL ky, int nearest, int64_t n, int64_t *at,    \
+                                   REAL *w, REAL *sign)                                                     \
 {                                                                                                           \
     const int64_t h = n / 2, nh = n / 2 + 1;                                                                \
-    const int64_t b = t / points_per_image, p = t % points_per_image;                                       \
-    const REAL *a = rotations + 9 * b;                                                                      \
-    const REAL kx = freq[2 * p], ky = freq[2 * p + 1];                                                      \
     REAL qx = kx * a[0] + ky * a[3], qy = kx * a[1] + ky * a[4], qz = kx * a[2] + ky * a[5];                \
     *sign = qx < 0 ? (REAL)-1 : (REAL)1;                                                                    \
     qx *= *sign; qy *= *sign; qz *= *sign;                                                                  \
@@ -53,9 +50,11 @@ void gather_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per
                      const REAL *volume, int64_t channels, int nearest, int64_t n, REAL *out,               \
                      int64_t start, int64_t stop)                                                           \
 {                                                                                                           \
-    for (int64_t t = start; t < stop; ++t) {                                                                \
+    for (int64_t t = start, b = start / points_per_image, p = start % points_per_image; t < stop; ++t) {     \
         int64_t at[8]; REAL w[8], sign;                                                                     \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t, at, w, &sign); \
+        const int corners = stencil_##SUFFIX(rotations + 9 * b, freq[2 * p], freq[2 * p + 1], nearest, n,   \
+                                             at, w, &sign);                                                 \
+        if (++p == points_per_image) { p = 0; ++b; }                                                        \
         REAL *row = out + t * channels * 2;                                                                 \
         for (int64_t c = 0; c < channels; ++c) {                                                            \
             REAL re = 0, im = 0;                                                                            \
@@ -70,23 +69,29 @@ void gather_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per
     }                                                                                                       \
 }                                                                                                           \
                                                                                                             \
-/* values (C, B · P) real → out (C, S): weights to powers[c] (1 or 2) */                                    \
+/* values (C, S · P) real → out (V, C) channel-last: row b scatters image source[b] (b without a source)             \
+   times scale[b] (1 without), with the weights to powers[c] (1 or 2) */                                   \
 void scatter_##SUFFIX(const REAL *rotations, const REAL *freq, int64_t points_per_image,                    \
                       const REAL *values, int64_t channels, int64_t channel_stride,                         \
+                      const int64_t *source, const REAL *scale,                                             \
                       const int *conjugate, const int *powers, int nearest, int64_t n, REAL *out,           \
-                      int64_t out_stride, int64_t start, int64_t stop)                                      \
+                      int64_t start, int64_t stop)                                                          \
 {                                                                                                           \
-    for (int64_t t = start; t < stop; ++t) {                                                                \
+    for (int64_t t = start, b = start / points_per_image, p = start % points_per_image; t < stop; ++t) {     \
         int64_t at[8]; REAL w[8], sign;                                                                     \
-        const int corners = stencil_##SUFFIX(rotations, freq, points_per_image, nearest, n, t, at, w, &sign); \
+        const int corners = stencil_##SUFFIX(rotations + 9 * b, freq[2 * p], freq[2 * p + 1], nearest, n,   \
+                                             at, w, &sign);                                                 \
+        const int64_t from = (source ? source[b] : b) * points_per_image + p;                               \
+        const REAL factor = scale ? scale[b] : (REAL)1;                                                     \
+        if (++p == points_per_image) { p = 0; ++b; }                                                        \
         for (int64_t c = 0; c < channels; ++c) {                                                            \
-            REAL v = values[c * channel_stride + t];                                                        \
+            REAL v = values[c * channel_stride + from] * factor;                                            \
             if (conjugate[c]) v *= sign;                                                                    \
-            REAL *target = out + c * out_stride;                                                            \
+            REAL *target = out + c;                                                                         \
             if (powers[c] == 2)                                                                             \
-                for (int k = 0; k < corners; ++k) target[at[k]] += (w[k] * w[k]) * v;                       \
+                for (int k = 0; k < corners; ++k) target[at[k] * channels] += (w[k] * w[k]) * v;            \
             else                                                                                            \
-                for (int k = 0; k < corners; ++k) target[at[k]] += w[k] * v;                                \
+                for (int k = 0; k < corners; ++k) target[at[k] * channels] += w[k] * v;                     \
         }                                                                                                   \
     }                                                                                                       \
 }
