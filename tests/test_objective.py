@@ -10,6 +10,7 @@ from cryosgd.fourier.grids import FourierGrid
 from cryosgd.model.forward import ForwardModel
 from cryosgd.objective.diagonal import exact_diagonal, hutchinson_probe, rademacher
 from cryosgd.objective.loss import LeastSquares
+from cryosgd.pose.search import Candidates, weighted_rows
 
 
 def _problem(interp, n_images=40, box=16, seed=0):
@@ -109,3 +110,37 @@ def test_row_weights_scale_each_image_and_the_count():
     per_image = 0.5 * (objective.model.grid.multiplicity * r.abs() ** 2).sum(1)
     expected = (weight * per_image).sum() / weight.sum() + objective.ridge_loss(x)
     torch.testing.assert_close(objective.loss(x, weighted), expected)
+
+
+def test_weighted_rows_share_each_image_at_an_origin_and_give_the_data_terms_of_their_rows():
+    """Rows of one image at one origin share one image of ``rows.images``; their data terms
+    (made per image, scattered per row with its weight) equal those of the rows as a batch of
+    repeated images (each scattered with its own modulated values), by the loss's derivatives."""
+    objective, batch, x, g = _problem("trilinear", n_images=5)
+    grid = objective.model.grid
+    batch = dataclasses.replace(batch, optics_group=torch.arange(len(batch)) % 2)
+    objective = dataclasses.replace(objective, ridge=0.0, noise_weight=0.5 + torch.rand(
+        2, len(grid.freq_px), generator=g, dtype=torch.float64))
+    k = 4
+    rotations = euler_to_matrix(torch.rand(5, k, 3, generator=g, dtype=torch.float64) * 180)
+    shift_A = torch.randn(5, 1, 2, generator=g, dtype=torch.float64).expand(5, k, 2).clone()
+    shift_A[0, 3] += 1.0  # one pose at another origin
+    weight = torch.rand(5, k, generator=g, dtype=torch.float64)
+    weight[2, 1] = 0.0  # a pose without weight makes no row
+    group = torch.stack([torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([-1.0, -1.0, 1.0],
+                                                                                    dtype=torch.float64))])
+    rows = weighted_rows(batch, Candidates(rotations, shift_A, torch.zeros(5, k)), weight, group)
+    assert len(rows.images) == 6 and len(rows) == 2 * (5 * k - 1)
+    flat = rows.batch()
+    live = weight.reshape(-1) > 0
+    torch.testing.assert_close(flat.shift_A, shift_A.reshape(-1, 2)[live].repeat_interleave(2, 0))
+    torch.testing.assert_close(flat.weight, (weight.reshape(-1)[live] / 2).repeat_interleave(2))
+    torch.testing.assert_close(flat.rotations, (rotations.reshape(-1, 3, 3)[live][:, None] @ group).reshape(-1, 3, 3))
+    torch.testing.assert_close(flat.images_ft, batch.images_ft.repeat_interleave(k, 0)[live].repeat_interleave(2, 0))
+    terms = objective.data_terms(rows)
+    total = float(flat.weight.sum())
+    loss0, gradient0 = objective.loss_and_gradient(torch.zeros_like(x), flat)
+    torch.testing.assert_close(terms.c / total, loss0)
+    torch.testing.assert_close(terms.b / total, -gradient0)
+    torch.testing.assert_close(terms.diagonal / total, exact_diagonal(objective, flat, dtype=torch.float64))
+    torch.testing.assert_close((terms.density / total).to(x.dtype), objective.hvp(torch.ones_like(x), flat))

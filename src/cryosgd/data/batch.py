@@ -122,6 +122,40 @@ class Batch:
 
 
 @dataclass(frozen=True, eq=False)
+class WeightedRows:
+    """Weighted rows over a batch of images at their origins: row r is image ``image[r]`` of
+    ``images`` at rotation ``rotations[r]``, with weight ``weight[r]`` (a pose's posterior
+    probability, shared among its symmetry mates).
+
+    The rows of one image (its poses at one origin and their symmetry mates) share its data,
+    CTF and origin: a sum that is linear in the rows weighs those once per image and
+    back-projects once per row.
+
+    Fields: ``images`` (S images; their rotations and weights are not used), ``image (R,)``
+    long, ``rotations (R, 3, 3)``, ``weight (R,)``.
+    """
+
+    images: Batch
+    image: Tensor
+    rotations: Tensor
+    weight: Tensor
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    @classmethod
+    def of(cls, batch: Batch) -> WeightedRows:
+        """Every image of ``batch`` as one row, at its pose, with its weight (1 without)."""
+        device, dtype = batch.rotations.device, batch.rotations.dtype
+        weight = torch.ones(len(batch), dtype=dtype, device=device) if batch.weight is None else batch.weight
+        return cls(replace(batch, weight=None), torch.arange(len(batch), device=device), batch.rotations, weight)
+
+    def batch(self) -> Batch:
+        """The rows as a :class:`Batch`, an image per row (for what works per row: slicing)."""
+        return replace(self.images.take(self.image), rotations=self.rotations, weight=self.weight)
+
+
+@dataclass(frozen=True, eq=False)
 class Taken:
     """``parent.take(rows)``, with the rows' CTF parameters as taken and the versions of the
     parent's then (see :meth:`Batch.derived` on versions)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, WeightedRows
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import Interp, extract, insert_many
 from cryosgd.model.ctf import ctf_values
@@ -100,19 +100,23 @@ class ForwardModel:
         maps, _ = self.back_project(batch, values[None])
         return maps[0]
 
-    def back_project(self, batch: Batch, values: Tensor | None = None, curvature: Tensor | None = None,
+    def back_project(self, rows: Batch | WeightedRows, values: Tensor | None = None, curvature: Tensor | None = None,
                      powers: tuple[int, ...] = (2,)) -> tuple[Tensor | None, Tensor | None]:
         """Several adjoints in one scatter.
 
         ``values (K, B, P)`` complex → ``(K, n, n, nh)`` maps S* values; ``curvature (B, P)``
         real → ``(len(powers), n, n, nh)`` real maps Σ_i Σ_k P_i(k, v)^p CTF_i(k)² curvature_i(k):
         for p = 2 the data term of the Hessian diagonal, for p = 1 that of H·1 (its row sums).
-        Either may be None.
+        Either may be None. For a :class:`Batch` of B images, each at its pose; for
+        :class:`WeightedRows`, the B images of ``rows.images``, each row back-projecting its
+        image's values at its rotation times its weight.
         """
         like = values if values is not None else curvature
         real = like.real.dtype
-        modulation = self.modulation(batch, real)
+        images, source, scale = (rows, None, None) if isinstance(rows, Batch) else (rows.images, rows.image,
+                                                                                    rows.weight)
+        modulation = self.modulation(images, real)
         weighted = None if values is None else values * modulation.conj()
         squared = None if curvature is None else curvature * modulation.abs().square()
-        return insert_many(weighted, squared, batch.rotations.to(real), self._freq_px(like), self.volume_shape,
-                           self.interp, powers)
+        return insert_many(weighted, squared, rows.rotations.to(real), self._freq_px(like), self.volume_shape,
+                           self.interp, powers, source, scale)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, WeightedRows
 from cryosgd.fourier.grids import voxel_multiplicity
 from cryosgd.model.forward import ForwardModel
 
@@ -130,14 +130,15 @@ class LeastSquares:
         predicted = self.model.forward(p, batch)
         return (self.pixel_weight(batch, predicted) * _squared(predicted)).double().sum()
 
-    def data_terms(self, batch: Batch) -> DataTerms:
-        """:class:`DataTerms` of the batch, in one scatter."""
-        y = batch.images_ft
-        weight = self.pixel_weight(batch, y)
-        maps, curvature = self.model.back_project(batch, (weight * y)[None], weight.expand(y.shape),
-                                                  powers=(2, 1))
-        c = 0.5 * (weight * _squared(y)).double().sum()
-        return DataTerms(c, maps[0], curvature[0], curvature[1])
+    def data_terms(self, rows: Batch | WeightedRows) -> DataTerms:
+        """:class:`DataTerms` of a batch, or of weighted rows (their sums are linear in the rows:
+        each image's share is made once, and scattered once per row), in one scatter."""
+        rows = rows if isinstance(rows, WeightedRows) else WeightedRows.of(rows)
+        y = rows.images.images_ft
+        weight = self.pixel_weight(rows.images, y)
+        maps, curvature = self.model.back_project(rows, (weight * y)[None], weight.expand(y.shape), powers=(2, 1))
+        per_image = 0.5 * (weight * _squared(y)).double().sum(1)
+        return DataTerms((rows.weight.double() * per_image[rows.image]).sum(), maps[0], curvature[0], curvature[1])
 
     def loss(self, x: Tensor, batch: Batch) -> Tensor:
         """f_B(x) for a batch held whole."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, WeightedRows
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.fourier.slice import Interp, extract
 from cryosgd.model.ctf import ctf_values
@@ -290,18 +290,21 @@ def _parabola(f0: Tensor, plus: Tensor, minus: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(curvature < 0, peak, better), curvature
 
 
-def weighted_rows(batch: Batch, candidates: Candidates, weight: Tensor, group: Tensor) -> Batch:
+def weighted_rows(batch: Batch, candidates: Candidates, weight: Tensor, group: Tensor) -> WeightedRows:
     """One row per (image, pose with weight > 0, symmetry mate ``R @ L``), each with its
-    weight ``w / |G|`` (times the image's own weight)."""
+    weight ``w / |G|`` (times the image's own weight); the poses of an image that share an
+    origin share one image of the rows' ``images``."""
     size, k = weight.shape
     mates = group.shape[0]
     image_weight = torch.ones(size, dtype=weight.dtype, device=weight.device) if batch.weight is None \
         else batch.weight.to(weight)
-    w = (weight * image_weight[:, None] / mates)[:, :, None].expand(size, k, mates)
-    keep = w.reshape(-1) > 0
-    image = torch.arange(size, device=weight.device)[:, None, None].expand(size, k, mates).reshape(-1)[keep]
-    rotations = (candidates.rotations[:, :, None] @ group.to(candidates.rotations)).reshape(-1, 3, 3)[keep]
-    shifts = candidates.shift_A[:, :, None].expand(size, k, mates, 2).reshape(-1, 2)[keep]
-    rows = batch.take(image)
-    return replace(rows.with_poses(rotations.to(batch.rotations.dtype), shifts.to(batch.shift_A.dtype)),
-                   weight=w.reshape(-1)[keep].to(batch.rotations.dtype))
+    w = (weight * image_weight[:, None] / mates).reshape(-1)  # (size · k)
+    live = w > 0
+    shift = candidates.shift_A.reshape(-1, 2)[live]
+    image = torch.arange(size, device=weight.device).repeat_interleave(k)[live]
+    origins, which = torch.unique(torch.cat([image[:, None].to(shift.dtype), shift], 1), dim=0, return_inverse=True)
+    images = replace(batch.take(origins[:, 0].long()), shift_A=origins[:, 1:].to(batch.shift_A.dtype), weight=None)
+    rotations = candidates.rotations.reshape(-1, 3, 3)[live][:, None] @ group.to(candidates.rotations)
+    dtype = batch.rotations.dtype
+    return WeightedRows(images, which.repeat_interleave(mates), rotations.reshape(-1, 3, 3).to(dtype),
+                        w[live].repeat_interleave(mates).to(dtype))

@@ -243,7 +243,8 @@ def _step(inputs: AbInitioInput, settings: AbInitioSettings, schedule: _Schedule
     share = schedule.best_share(t, settings.top_k)
     temperature = _temperature(found.log_likelihood.double(), share)
     weight = posterior_weights(found.log_likelihood.double(), temperature, particle_ids=torch.as_tensor(index))
-    rows = _on_band(weighted_rows(batch, found, weight, torch.eye(3, dtype=dtype, device=device)[None]), grid, band)
+    rows = _on_band(weighted_rows(batch, found, weight, torch.eye(3, dtype=dtype, device=device)[None]).batch(),
+                    grid, band)
     band_grid = FourierGrid.create(grid.box_px, grid.pixel_A, grid.work_box_px, radius_px=band)
     objective = LeastSquares(ForwardModel(band_grid, "trilinear"), 1e-8, noise_weight(state.sigma2, band_grid))
     optimizer = _optimizer(settings)

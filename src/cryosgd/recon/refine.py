@@ -468,7 +468,7 @@ def _search_batch(half: HalfSet, batch: Batch, reference: Tensor, plan: _Plan, p
     pick = torch.as_tensor(np.flatnonzero(found.sample[batch.index]), device=half.device)
     if len(pick):
         ones = torch.ones(len(pick), 1, dtype=weight.dtype, device=weight.device)
-        best = weighted_rows(batch.take(pick), candidates.first(pick), ones, plan.group[:1])
+        best = weighted_rows(batch.take(pick), candidates.first(pick), ones, plan.group[:1]).batch()
         power, counts = residual_power(LeastSquares(half.model, 0.0), reference, best, len(half.table.optics))
         found.power, found.counts = found.power + power, found.counts + counts
     return candidates, weight
@@ -525,7 +525,7 @@ def _sgd_update(half: HalfSet, state: HalfState, x: Tensor, plan: _Plan, previou
     (masked) map first."""
     def rows(batch: Batch, current: Tensor) -> Batch:
         found_here = _search_batch(half, batch, masked_ft(current, mask.to(current.device)), plan, previous, found)
-        return weighted_rows(batch, *found_here, plan.group)
+        return weighted_rows(batch, *found_here, plan.group).batch()
 
     stepped, _ = run_epoch(half, replace(state, x=x), plan.iteration, rows=rows)
     return stepped
