@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("trilinear.c")
-_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 _SUFFIX = {torch.float32: "float", torch.float64: "double"}
 _SPLIT_POINTS = 65536  # points per thread at least: below, a thread's hand-off costs more than it saves
 _ACCUMULATOR_BYTES = 1 << 30  # a scatter's extra per-thread accumulators, at most
