@@ -42,12 +42,13 @@ def _squared(v: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class DataTerms:
     """What a batch contributes to the normal equations (sums over its images): ``c`` = data
-    part of f(0) times |B|, ``b`` = S*(w y), and the data parts of diag(H) and of H·1 (row sums:
-    the data density RELION divides by), so that f(x) = (c − ⟨b, x⟩ + ½⟨x, Hx⟩)/|B| + ridge."""
+    part of f(0) times |B|, ``b`` = S*(w y), and the data parts of diag(H) (None where it was not
+    asked for) and of H·1 (row sums: the data density RELION divides by), so that
+    f(x) = (c − ⟨b, x⟩ + ½⟨x, Hx⟩)/|B| + ridge."""
 
     c: Tensor
     b: Tensor
-    diagonal: Tensor
+    diagonal: Tensor | None
     density: Tensor
 
 
@@ -130,15 +131,18 @@ class LeastSquares:
         predicted = self.model.forward(p, batch)
         return (self.pixel_weight(batch, predicted) * _squared(predicted)).double().sum()
 
-    def data_terms(self, rows: Batch | WeightedRows) -> DataTerms:
+    def data_terms(self, rows: Batch | WeightedRows, diagonal: bool = True) -> DataTerms:
         """:class:`DataTerms` of a batch, or of weighted rows (their sums are linear in the rows:
-        each image's share is made once, and scattered once per row), in one scatter."""
+        each image's share is made once, and scattered once per row), in one scatter; without
+        ``diagonal``, diag(H) is not made (a quarter of the scatter's work)."""
         rows = rows if isinstance(rows, WeightedRows) else WeightedRows.of(rows)
         y = rows.images.images_ft
         weight = self.pixel_weight(rows.images, y)
-        maps, curvature = self.model.back_project(rows, (weight * y)[None], weight.expand(y.shape), powers=(2, 1))
+        powers = (1, 2) if diagonal else (1,)
+        maps, curvature = self.model.back_project(rows, (weight * y)[None], weight.expand(y.shape), powers=powers)
         per_image = 0.5 * (weight * _squared(y)).double().sum(1)
-        return DataTerms((rows.weight.double() * per_image[rows.image]).sum(), maps[0], curvature[0], curvature[1])
+        c = (rows.weight.double() * per_image[rows.image]).sum()
+        return DataTerms(c, maps[0], curvature[1] if diagonal else None, curvature[0])
 
     def loss(self, x: Tensor, batch: Batch) -> Tensor:
         """f_B(x) for a batch held whole."""

@@ -298,7 +298,7 @@ def _search_pass(inputs: AbInitioInput, settings: AbInitioSettings, store: Parti
             found, _ = found.best_first()
             weight = posterior_weights(found.log_likelihood.double(), particle_ids=rows)
             poses = _record(poses, index, found, weight)
-            terms = objective.data_terms(weighted_rows(batch, found, weight, identity))
+            terms = objective.data_terms(weighted_rows(batch, found, weight, identity), diagonal=False)
             sums[parity] = (terms.b, terms.density) if sums[parity] is None else \
                 (sums[parity][0] + terms.b, sums[parity][1] + terms.density)
     return poses, sums

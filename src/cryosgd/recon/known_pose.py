@@ -73,14 +73,17 @@ def _known_poses(batch: Batch, x: Tensor) -> Batch:
 def data_terms(half: HalfSet, sigma2: Tensor | None = None, on_batch: Callable[[], None] = lambda: None,
                rows: Rows = _known_poses, x: Tensor | None = None) -> DataTerms:
     """The half's :class:`DataTerms` (means over its images) under the noise spectrum ``sigma2``,
-    in one pass; ``rows`` (given the map ``x``) turns each batch into the rows to fit."""
+    in one pass; ``rows`` (given the map ``x``) turns each batch into the rows to fit. diag(H)
+    only for the methods that use it (:func:`exact_diagonal_of`)."""
     objective = LeastSquares(half.model, 0.0, half.noise_weight(sigma2))
+    diagonal = half.settings.uses_exact_diagonal
 
     def sums(batch):
-        terms = objective.data_terms(rows(batch, x))
-        return terms.c, terms.b, terms.diagonal, terms.density
+        terms = objective.data_terms(rows(batch, x), diagonal)
+        return terms.c, terms.b, terms.density, *((terms.diagonal,) if diagonal else ())
 
-    return DataTerms(*half.pass_mean(sums, on_batch))
+    c, b, density, *diagonal_mean = half.pass_mean(sums, on_batch)
+    return DataTerms(c, b, diagonal_mean[0] if diagonal else None, density)
 
 
 def initial_state(half: HalfSet, terms: DataTerms, sigma2: Tensor | None) -> HalfState:
