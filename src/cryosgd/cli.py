@@ -180,10 +180,10 @@ def _refine_args(commands) -> None:
                         "poses searched per minibatch) (default: %(default)s)")
     p.add_argument("--max-iter", type=COUNT, default=20, metavar="N", help="most iterations (default: 20)")
     p.add_argument("--local", action="store_true", help="start from the STAR file's poses (local searches only)")
-    p.add_argument("--soft-poses", type=COUNT, default=8, metavar="N",
+    p.add_argument("--soft-poses", type=COUNT, default=19, metavar="N",
                    help="poses per particle in the maps of the iterations without a global search and of the last, "
                         "the most likely of a grid around its best pose, weighed by their posterior; 1: the best pose "
-                        "alone (default: 8)")
+                        "alone (default: 19, the whole grid)")
     p.add_argument("--max-shift", type=POSITIVE, metavar="Å", help="origins searched within this radius "
                                                                     "(default: 5 pixels)")
     p.add_argument("--join-res", type=POSITIVE, default=40.0, metavar="Å",

@@ -110,7 +110,7 @@ class RefineSettings:
     global_order: int = 2  # HEALPix order of the global search (15° at 2)
     top_k: int = 8  # poses kept per particle after the global search
     local_k: int = 2  # poses refined per particle in later iterations
-    soft_poses: int = 8  # poses per particle in the local iterations' maps, from a grid at each's accuracy
+    soft_poses: int = 19  # poses per particle in the local iterations' maps: all of the grid at each's accuracy
     max_shift_A: float | None = None  # origins searched within this radius; default 5 original pixels
     band_margin_px: float = 5.0  # the search band reaches this many shells beyond the FSC-0.143 shell
     local: bool = False  # start from the STAR file's poses (local searches only)
