@@ -85,7 +85,7 @@ _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has s
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 _EM_ROWS = 2000  # (image, pose, symmetry mate) rows per batch of an em pass, at most
 _SPREAD = 1.5  # the posterior grid's rotation steps: 1.5 σ (docs/refinement.md) …
-_GRID_TEMPERATURE = 2.0  # … and the τ of its weights (box 128: FSC to the truth 0.697 at τ = 1, 0.718 at 2)
+_GRID_TEMPERATURE = 2.0  # … and the τ of its weights (box 128, 8 poses: FSC to the truth 0.697 at τ = 1, 0.718 at 2)
 _SCHEDULE = 2  # the iterations' plan; a checkpoint of another resumes nothing (2: local iterations on the grid)
 
 
