@@ -224,21 +224,6 @@ def test_a_half_within_a_band_is_the_whole_half_with_the_frequencies_beyond_weig
     assert cropped[0].density[beyond.expand_as(cropped[0].density)].abs().max() == 0
 
 
-def test_a_half_in_smaller_batches_has_the_same_data_terms(dataset):
-    """`HalfSet.in_batches_of(n)` (how a pass with many rows per image bounds its memory)
-    changes the batches, not the means over the half's images."""
-    from cryosgd.recon.known_pose import data_terms
-    table = read_particles(dataset)
-    stack = ImageStack(table)
-    grid = FourierGrid.create(stack.box_px, table.pixel_A)
-    whole = HalfSet(table, stack, grid, ReconstructionSettings(batch_size=150), half=1, dtype=torch.float64)
-    small = whole.in_batches_of(37)
-    assert whole.in_batches_of(150) is whole and len(list(small.parts(None))) == -(-len(table) // 37)
-    got, want = data_terms(small), data_terms(whole)
-    for name in ("c", "b", "diagonal", "density"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name))
-
-
 # Reproducible runs and the automatic epoch count ----------------------------------------------------
 
 def _map(folder, name="half1.mrc"):

@@ -1,5 +1,6 @@
 """The native CPU slice kernels (cryosgd.fourier.native) against PyTorch's."""
 
+import ctypes
 import warnings
 
 import pytest
@@ -85,6 +86,36 @@ def test_a_pose_that_is_not_finite_gives_nan_values_and_touches_nothing_else(mon
     assert bool(sliced[3].isnan().any()) and bool(sliced[torch.arange(40) != 3].isfinite().all())
     inserted, _ = insert_many(values[:1], None, rotations, freq, grid.volume_shape)
     assert bool(inserted.isnan().any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_rotation_that_is_not_finite_writes_nothing_outside_the_grid(bad):
+    """Every point of a rotation all NaN or infinite clamps into the grid: the guard bands on
+    both sides of the C scatter's accumulator stay zero (its x index goes to 0, not below)."""
+    n, points, guard = 16, 5, 64
+    size = (n + 1) ** 2 * (n // 2 + 1)
+    rotation = torch.full((1, 3, 3), bad, dtype=torch.float64)
+    freq = torch.tensor([[1.0, 2.0]] * points, dtype=torch.float64)
+    values = torch.ones(1, 1, points, dtype=torch.float64)
+    buffer = torch.zeros(guard + size + guard, dtype=torch.float64)
+    flags = [(ctypes.c_int * 1)(0), (ctypes.c_int * 1)(1)]
+    native._library().scatter_double(
+        native._ptr(rotation), native._ptr(freq), native._int(points), native._ptr(values), native._int(1),
+        native._int(points), None, None, *flags, ctypes.c_int(0), native._int(n), native._ptr(buffer[guard:]),
+        native._int(0), native._int(points))
+    assert bool((buffer[:guard] == 0).all()) and bool((buffer[-guard:] == 0).all())
+    assert not bool(buffer[guard:-guard].isfinite().all())
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_no_rows_back_project_nothing(monkeypatch, use_native):
+    """A process's empty share of a batch has no rows: zero maps, with or without ``source``."""
+    grid, values, curvature, rotations, freq = _problem(torch.float64)
+    for source in (None, torch.zeros(0, dtype=torch.long)):
+        maps, real = _run(monkeypatch, use_native, 2, lambda: insert_many(
+            values[:, :0] if source is None else values, curvature[:0] if source is None else curvature,
+            rotations[:0], freq, grid.volume_shape, "trilinear", (2, 1), source))
+        assert not bool(maps.any()) and not bool(real.any())
 
 
 def test_mismatched_shapes_are_refused_not_read_past(monkeypatch):

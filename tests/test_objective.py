@@ -144,3 +144,17 @@ def test_weighted_rows_share_each_image_at_an_origin_and_give_the_data_terms_of_
     torch.testing.assert_close(terms.b / total, -gradient0)
     torch.testing.assert_close(terms.diagonal / total, exact_diagonal(objective, flat, dtype=torch.float64))
     torch.testing.assert_close((terms.density / total).to(x.dtype), objective.hvp(torch.ones_like(x), flat))
+
+
+def test_an_empty_share_makes_no_rows_and_zero_data_terms():
+    """A process's empty share of a batch is one image of weight 0: no rows, zero sums (each
+    rank must return sums of the same shapes), by the em pass and by a minibatch step."""
+    objective, batch, x, g = _problem("trilinear", n_images=1)
+    batch = dataclasses.replace(batch, weight=torch.zeros(1, dtype=torch.float64))
+    rows = weighted_rows(batch, Candidates(batch.rotations[:, None], batch.shift_A[:, None], torch.zeros(1, 1)),
+                         torch.ones(1, 1, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[None])
+    assert len(rows) == 0
+    terms = objective.data_terms(rows)
+    assert float(terms.c) == 0 and not bool(terms.b.any()) and not bool(terms.density.any())
+    sums = objective.data_gradients(x, rows.batch(), diagonal=2)
+    assert float(sums.loss) == 0 and not bool(sums.gradient.any()) and not bool(sums.diagonal.any())

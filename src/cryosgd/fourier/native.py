@@ -9,7 +9,7 @@ It is built by the system's C compiler (``cc``, or ``$CC``; about 0.3 s) into
 flags, the compiler and the machine, once per cache folder, and loaded with ``ctypes``, which
 releases the GIL during a call: the points are split among up to :func:`torch.get_num_threads`
 Python threads; a gather's threads write their own rows, a scatter's add into their own
-accumulators (at most 1 GiB of them), summed in a fixed order. Results do not depend on
+channel-last accumulators (at most 1 GiB of them beyond the first), summed in a fixed order. Results do not depend on
 timing; a scatter's rounding depends on how many threads shared it.
 
 Without a C compiler, or with ``CRYOSGD_NATIVE=0``, :func:`available` is False and the caller
@@ -130,9 +130,9 @@ def scatter(out: Tensor, channels: Tensor, rotations: Tensor, freq_px: Tensor, n
     ``source (R,)``, then S = R) times ``scale[r]`` (1 without ``scale (R,)``). All real, of one
     dtype, on the CPU."""
     _check(rotations, freq_px)
-    sources = (0, rotations.shape[0] - 1) if source is None or not len(source) else tuple(map(int, source.aminmax()))
+    low, high = (0, -1) if source is None or not len(source) else tuple(map(int, source.aminmax()))
     if not out.is_contiguous() or out.shape != (channels.shape[0], (n + 1) ** 2 * (n // 2 + 1)) or \
-            channels.shape[2] != freq_px.shape[0] or not 0 <= sources[0] <= sources[1] < channels.shape[1] or \
+            channels.shape[2] != freq_px.shape[0] or low < 0 or high >= channels.shape[1] or \
             (source is None and channels.shape[1] != rotations.shape[0]) or \
             any(t is not None and t.shape != (rotations.shape[0],) for t in (source, scale)):
         raise ValueError(f"scatter: channels {tuple(channels.shape)}, rotations {tuple(rotations.shape)}, "
@@ -145,7 +145,7 @@ def scatter(out: Tensor, channels: Tensor, rotations: Tensor, freq_px: Tensor, n
     flags = [(ctypes.c_int * len(conjugate))(*map(int, conjugate)), (ctypes.c_int * len(powers))(*powers)]
     affordable = 1 + min(total // out.shape[1], _ACCUMULATOR_BYTES // (out.numel() * out.element_size()))
     threads = min(_threads(total), affordable)  # extra accumulators only where the points outweigh them
-    # channel-last: a point's C values land in the same cache lines (C times fewer lines touched)
+    # channel-last, so that a point's C values share cache lines; added to ``out`` at the end
     accumulators = [out.new_zeros(out.shape[1], out.shape[0]) for _ in range(threads)]
     _split(total, threads, lambda start, stop, part: function(
         _ptr(rotations), _ptr(freq_px), _int(freq_px.shape[0]), _ptr(channels), _int(channels.shape[0]),

@@ -11,14 +11,15 @@
  * by point; the arithmetic, and so every rounding, is the same in each clone. Each call
  * handles the points [start, stop): gathers write their own rows,
  * scatters add into their own accumulator, so that threads never share one. A point that is
- * not finite is clamped to the grid like one beyond it (NaN compares false both ways): its
- * weights, and so its values, are NaN, and no memory outside the grid is touched.
+ * not finite is clamped to the grid like one beyond it (NaN compares false both ways, and its
+ * x, which the flip makes ≥ 0 otherwise, goes to 0): its weights, and so its values, are NaN,
+ * and no memory outside the grid is touched.
  */
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)  /* needs the loader's ifunc: glibc on ELF */
 #define CLONED __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
@@ -43,7 +44,7 @@ static inline void stencils_##SUFFIX(const REAL *restrict a, const REAL *restric
         const REAL s = qx < 0 ? (REAL)-1 : (REAL)1;                                                         \
         qx *= s; qy *= s; qz *= s;                                                                          \
         REAL fx = FLOOR(qx + shift), fy = FLOOR(qy + shift), fz = FLOOR(qz + shift);                        \
-        fx = fx > -h ? (fx < top ? fx : top) : -h;                                                          \
+        fx = fx > 0 ? (fx < top ? fx : top) : 0;  /* qx ≥ 0 after the flip; NaN goes to 0 too */           \
         fy = fy > -h ? (fy < top ? fy : top) : -h;                                                          \
         fz = fz > -h ? (fz < top ? fz : top) : -h;                                                          \
         cx[i] = (int32_t)fx; cy[i] = (int32_t)fy; cz[i] = (int32_t)fz;                                      \

@@ -64,15 +64,6 @@ class HalfSet:
         band._band = band_mask(self.disc_grid.freq_px, radius_px).to(self.device)
         return band
 
-    def in_batches_of(self, batch_size: int) -> HalfSet:
-        """The same half in batches of at most ``batch_size`` images: a pass that makes many rows
-        per image (poses × symmetry mates) bounds its memory so."""
-        if batch_size >= self.settings.batch_size:
-            return self
-        half = copy.copy(self)
-        half.settings = replace(self.settings, batch_size=batch_size)
-        return half
-
     def noise_weight(self, sigma2: Tensor | None) -> Tensor | None:
         """``(G, P)`` weights 1/σ² on this half's frequencies (None for white noise), scaled as
         on the whole disc: a half `within` a band weighs its frequencies as the whole half does."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from cryosgd import dist
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, WeightedRows
 from cryosgd.fourier.grids import shell_index, voxel_multiplicity
 from cryosgd.objective.diagonal import shell_means
 from cryosgd.objective.loss import DataTerms, LeastSquares, count
@@ -61,9 +61,10 @@ def objective_of(half: HalfSet, state: HalfState) -> LeastSquares:
     return LeastSquares(half.model, state.ridge, half.noise_weight(state.sigma2))
 
 
-Rows = Callable[[Batch, Tensor], Batch]
+Rows = Callable[[Batch, Tensor], Batch | WeightedRows]
 """``rows(batch, x)``: the rows to fit for a batch of images, given the current map ``x``: the
-batch itself for known poses; (image, pose) rows with posterior weights when poses are searched."""
+batch itself for known poses; (image, pose) rows with posterior weights when poses are searched
+(a minibatch step needs them as a :class:`Batch`, a pass's data terms take either)."""
 
 
 def _known_poses(batch: Batch, x: Tensor) -> Batch:

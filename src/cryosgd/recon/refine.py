@@ -48,7 +48,7 @@ from torch import Tensor
 
 from cryosgd import dist
 from cryosgd.conventions import euler_to_matrix, map_to_ft, matrix_to_euler
-from cryosgd.data.batch import Batch
+from cryosgd.data.batch import Batch, WeightedRows
 from cryosgd.data.particles import ParticleTable, read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
@@ -83,7 +83,6 @@ _GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the fir
 _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
-_EM_ROWS = 2000  # (image, pose, symmetry mate) rows per batch of an em pass, at most
 _SPREAD = 1.5  # the posterior grid's rotation steps: 1.5 σ (docs/refinement.md) …
 _GRID_TEMPERATURE = 2.0  # … and the τ of its weights (box 128, 8 poses: FSC to the truth 0.697 at τ = 1, 0.718 at 2)
 _SCHEDULE = 2  # the iterations' plan; a checkpoint of another resumes nothing (2: local iterations on the grid)
@@ -502,17 +501,16 @@ def _distinct(candidates: Candidates, step_deg: float, step_A: float) -> Candida
 
 
 def _em_update(halves: list[HalfSet], poses: list[PoseTable], group: Tensor, sigma2: Tensor):
-    """One pass per half over its (image, pose) rows, at most ``_EM_ROWS`` in a batch: each
-    half's one-pass map under the Wiener prior from the FSC of the two."""
+    """One pass per half over its (image, pose) rows (:class:`WeightedRows`: an image's values
+    are held once, whatever its poses and symmetry mates): each half's one-pass map under the
+    Wiener prior from the FSC of the two."""
     def rows_of(table: PoseTable):
-        def rows(batch: Batch, x) -> Batch:
+        def rows(batch: Batch, x) -> WeightedRows:
             index = torch.as_tensor(batch.index, device=table.weight.device)
             candidates = table.candidates(index, table.weight.shape[1])
             return weighted_rows(batch, candidates, table.weight[index], group)
         return rows
 
-    per_image = max(int((p.weight > 0).sum(1).max()) for p in poses) * group.shape[0]  # the same on every rank
-    halves = [h.in_batches_of(max(1, _EM_ROWS // per_image)) for h in halves]
     states = [initial_state(h, data_terms(h, sigma2, rows=rows_of(p)), sigma2) for h, p in zip(halves, poses)]
     ssnr = ssnr_between(*(one_pass_map(h, s) for h, s in zip(halves, states)))
     states = [with_prior(h, s, ssnr) for h, s in zip(halves, states)]
