@@ -9,8 +9,8 @@ It is built by the system's C compiler (``cc``, or ``$CC``; about 0.3 s) into
 flags, the compiler and the machine, once per cache folder, and loaded with ``ctypes``, which
 releases the GIL during a call: the points are split among up to :func:`torch.get_num_threads`
 Python threads; a gather's threads write their own rows, a scatter's add into their own
-channel-last accumulators (at most 1 GiB of them beyond the first), summed in a fixed order. Results do not depend on
-timing; a scatter's rounding depends on how many threads shared it.
+channel-last accumulators (at most 1 GiB of them beyond the first), summed in a fixed order.
+Results do not depend on timing; a scatter's rounding depends on how many threads shared it.
 
 Without a C compiler, or with ``CRYOSGD_NATIVE=0``, :func:`available` is False and the caller
 stays with PyTorch, as it does for tensors that need autograd or live on a GPU; a compiler
