@@ -27,8 +27,8 @@ Iteration n, for each half-set independently (docs/refinement.md):
    band (the FSC-0.143 shell plus ``band_margin_px``); σ² per optics group and image shell is
    re-estimated from the residuals of the search.
 
-It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002,
-or at ``max_iter``: one last iteration then searches at Nyquist, ends on the posterior grid and
+It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002
+and moves fewer than 1 % of the best poses by more than its final step, or at ``max_iter``: one last iteration then searches at Nyquist, ends on the posterior grid and
 updates by ``em`` — unless the stalled iteration already did all three, which is then the last.
 A checkpoint follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
 """
@@ -81,11 +81,12 @@ _TEMPERATURES = (3.0, 2.0)  # iterations 1 and 2; 1 from then on
 _LEVELS = 2  # local-search levels after a global search; one in the iterations without
 _GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the first and second maps
 _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
-_STALLED = 0.002  # an iteration that raises the mean half-map FSC by less has stalled
+_STALLED = 0.002  # an iteration that raises the mean half-map FSC by less …
+_MOVED = 0.01  # … and moves fewer of the best poses by more than its final step has stalled
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 _SPREAD = 1.5  # the posterior grid's rotation steps: 1.5 σ (docs/refinement.md) …
 _GRID_TEMPERATURE = 2.0  # … and the τ of its weights (box 128, 8 poses: FSC to the truth 0.697 at τ = 1, 0.718 at 2)
-_SCHEDULE = 2  # the iterations' plan; a checkpoint of another resumes nothing (2: local iterations on the grid)
+_SCHEDULE = 3  # the iterations' plan; a checkpoint of another resumes nothing (3: the stop rule counts moved poses)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class RefineState:
     band_px: float  # the next search's band
     step_deg: float  # the particles' median accuracy σ (≥ 0.1°, ≤ the last step): sets the next step
     fsc_mean: float  # the mean half-map FSC after the iteration
-    stalled: int  # iterations in a row that raised it by less than _STALLED
+    stalled: int  # iterations in a row that raised it by less than _STALLED and moved < _MOVED of the poses
     done: bool  # the last iteration (at Nyquist) is done
     halves: tuple[HalfState, HalfState] | None = None  # the map update's states (prior; sgd: optimiser)
 
@@ -339,7 +340,7 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
            "accuracy_deg": accuracy, "best_probability": float(torch.cat([p.weight[:, 0] for p in poses]).median()),
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
            "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
-    stalled = 0 if curve.mean() > state.fsc_mean + _STALLED else state.stalled + 1
+    stalled = _stalled(state, curve.mean(), row["changed"])
     # a stalled em iteration at Nyquist on the posterior grid is what the last one would repeat
     final = last or (row["update"] == "em" and n >= 3 and stalled >= 1 and plan.posterior
                      and band >= grid.work_box_px / 2 - 1)
@@ -359,9 +360,20 @@ def _first_step_deg(state: RefineState, after_global: bool, settings: RefineSett
     return 2 * state.step_deg
 
 
+def _stalled(state: RefineState, fsc_mean: float, changed: float) -> int:
+    """Iterations in a row that have stalled, the one that ends with ``fsc_mean`` (the mean
+    half-map FSC) and ``changed`` (the fraction of moved poses) included (:func:`_converged`)."""
+    progressed = fsc_mean > state.fsc_mean + _STALLED or changed >= _MOVED
+    return 0 if progressed else state.stalled + 1
+
+
 def _converged(state: RefineState, grid: FourierGrid) -> bool:
     """From iteration 3: the last iteration raised the mean half-map FSC by less than
-    ``_STALLED`` (the poses, and with them the maps, no longer improve)."""
+    ``_STALLED`` and moved fewer than ``_MOVED`` of the best poses by more than its final step:
+    neither the maps nor the poses improve. The FSC alone stops too early: as the particles'
+    accuracy σ shrinks, so does their posterior grid and the noise it averages, and the half
+    maps' FSC stalls while the poses still improve (box 64: 2.49° at the FSC's stall, 2.34°
+    three iterations later, the FSC to the truth 0.948 → 0.946)."""
     return state.iteration >= 3 and state.stalled >= 1
 
 
