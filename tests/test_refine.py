@@ -227,6 +227,7 @@ def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_e
     metrics = run(tmp_path / "em")
     assert 3 <= len(metrics) < 8, [m["fsc_mean"] for m in metrics]
     assert metrics[-1]["band_px"] == nyquist and metrics[-1]["update"] == "em"
+
     def stalled(before, m):
         return m["fsc_mean"] < before["fsc_mean"] + 0.002 and m["changed"] < 0.01
 
