@@ -199,13 +199,16 @@ def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_pa
 def test_an_iteration_stalls_only_when_neither_the_fsc_nor_the_poses_move():
     """The half-map FSC stalls while the poses still improve (their posterior grids shrink):
     an iteration has stalled when its FSC rose by less than 0.002 and fewer than 1 % of the
-    poses moved; a stall adds to the last one's count."""
+    poses moved; three iterations in a row without the FSC rising stop a run whatever the
+    poses do."""
     from cryosgd.recon import refine as R
-    state = R.RefineState(4, (None, None), None, None, 63.0, 1.5, fsc_mean=0.900, stalled=1, done=False)
-    assert R._stalled(state, 0.9005, changed=0.05) == 0  # the FSC stalled, the poses did not
-    assert R._stalled(state, 0.9100, changed=0.001) == 0  # the FSC rose
-    assert R._stalled(state, 0.9005, changed=0.005) == 2  # both stalled
-    assert R._stalled(state, 0.8900, changed=0.0) == 2
+    state = R.RefineState(4, (None, None), None, None, 63.0, 1.5, fsc_mean=0.900, stalled=0, done=False,
+                          fsc_stalls=1)
+    assert R._stalls(state, 0.9005, changed=0.05) == (0, 2)  # the FSC stalled, the poses did not
+    assert R._stalls(state, 0.9100, changed=0.001) == (0, 0)  # the FSC rose
+    assert R._stalls(state, 0.9005, changed=0.005) == (1, 2)  # both stalled
+    assert R._stalls(state, 0.9005, changed=0.01) == (0, 2)  # 1 % moved: not settled
+    assert not R._has_stalled(0, 2) and R._has_stalled(0, 3) and R._has_stalled(1, 0)
 
 
 def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_exactly(dataset, tmp_path,
@@ -236,6 +239,14 @@ def test_a_stalled_em_iteration_at_nyquist_on_the_grid_is_the_last_and_resumes_e
                    for before, m in zip(metrics[1:-1], metrics[2:-1]))  # no earlier stall at Nyquist
     sgd = run(tmp_path / "sgd", "--update", "sgd")
     assert sgd[-1]["update"] == "em", [m["update"] for m in sgd]
+
+    from cryosgd.recon import refine as R  # poses that never settle: the FSC's patience stops the run
+    monkeypatch.setattr(R, "_changed", lambda *args: 0.5)
+    moving = run(tmp_path / "moving")
+    assert len(moving) > len(metrics), (len(moving), len(metrics))
+    assert len(moving) == 8 or all(m["fsc_mean"] < before["fsc_mean"] + 0.002
+                                   for before, m in zip(moving[-4:-1], moving[-3:]))
+    monkeypatch.undo()
 
     _killed_after_two_then_resumed(monkeypatch, "refine", star, "--ref", truth, "--local", "--ini-res", 9,
                                    "--max-iter", 8, "--batch-size", 400, "-o", tmp_path / "killed")

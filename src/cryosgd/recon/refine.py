@@ -28,7 +28,8 @@ Iteration n, for each half-set independently (docs/refinement.md):
    re-estimated from the residuals of the search.
 
 It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002
-and moves fewer than 1 % of the best poses by more than its final step, or at ``max_iter``: one
+and moves fewer than 1 % of the best poses by more than its final step, when three iterations in
+a row raise the FSC by less than 0.002, or at ``max_iter``: one
 last iteration then searches at Nyquist, ends on the posterior grid and updates by ``em`` —
 unless the stalled iteration already did all three, which is then the last. A checkpoint
 follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
@@ -83,7 +84,8 @@ _LEVELS = 2  # local-search levels after a global search; one in the iterations 
 _GLOBAL_ITERATIONS = 3  # global searches: from the reference, then from the first and second maps
 _GLOBAL_BAND_PX = 24.0  # the later global searches' band, at most (their cost grows with the band's area)
 _STALLED = 0.002  # an iteration that raises the mean half-map FSC by less …
-_MOVED = 0.01  # … and moves fewer of the best poses by more than its final step has stalled
+_MOVED = 0.01  # … and moves fewer of the best poses by more than its final step has stalled;
+_FSC_PATIENCE = 3  # so has a run whose FSC rose by less in this many iterations in a row, however many poses move
 _NOISE_IMAGES = 4000  # images per optics group and half that σ² is re-estimated from
 _SPREAD = 1.5  # the posterior grid's rotation steps: 1.5 σ (docs/refinement.md) …
 _GRID_TEMPERATURE = 2.0  # … and the τ of its weights (box 128, 8 poses: FSC to the truth 0.697 at τ = 1, 0.718 at 2)
@@ -104,6 +106,7 @@ class RefineState:
     stalled: int  # iterations in a row that raised it by less than _STALLED and moved < _MOVED of the poses
     done: bool  # the last iteration (at Nyquist) is done
     halves: tuple[HalfState, HalfState] | None = None  # the map update's states (prior; sgd: optimiser)
+    fsc_stalls: int = 0  # iterations in a row that raised the mean half-map FSC by less than _STALLED
 
 
 @dataclass(frozen=True)
@@ -341,12 +344,13 @@ def _iterate(halves: list[HalfSet], inputs: RefineInput, settings: RefineSetting
            "accuracy_deg": accuracy, "best_probability": float(torch.cat([p.weight[:, 0] for p in poses]).median()),
            "resolution_A": resolution, "fsc_mean": curve.mean(), "fsc": [float(v) for v in np.nan_to_num(curve.fsc)],
            "update": "em" if settings.update == "em" or n == 1 or last else "sgd"}
-    stalled = _stalled(state, curve.mean(), row["changed"])
+    stalled, fsc_stalls = _stalls(state, curve.mean(), row["changed"])
     # a stalled em iteration at Nyquist on the posterior grid is what the last one would repeat
-    final = last or (row["update"] == "em" and n >= 3 and stalled >= 1 and plan.posterior
+    final = last or (row["update"] == "em" and n >= 3 and _has_stalled(stalled, fsc_stalls) and plan.posterior
                      and band >= grid.work_box_px / 2 - 1)
     return RefineState(n, tuple(maps), tuple(poses), sigma2, _next_band(curve, grid, settings, state.band_px),
-                       min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, final, tuple(states)), row
+                       min(max(accuracy, 0.1), plan.step_deg), curve.mean(), stalled, final, tuple(states),
+                       fsc_stalls), row
 
 
 def _first_step_deg(state: RefineState, after_global: bool, settings: RefineSettings) -> float:
@@ -361,11 +365,18 @@ def _first_step_deg(state: RefineState, after_global: bool, settings: RefineSett
     return 2 * state.step_deg
 
 
-def _stalled(state: RefineState, fsc_mean: float, changed: float) -> int:
-    """Iterations in a row that have stalled, the one that ends with ``fsc_mean`` (the mean
-    half-map FSC) and ``changed`` (the fraction of moved poses) included (:func:`_converged`)."""
-    progressed = fsc_mean > state.fsc_mean + _STALLED or changed >= _MOVED
-    return 0 if progressed else state.stalled + 1
+def _stalls(state: RefineState, fsc_mean: float, changed: float) -> tuple[int, int]:
+    """The stall counts of :class:`RefineState` after the iteration that ends with ``fsc_mean``
+    (the mean half-map FSC) and ``changed`` (the fraction of moved poses): iterations in a row
+    that raised the FSC by less than ``_STALLED`` and moved fewer than ``_MOVED`` of the poses,
+    and iterations in a row that raised the FSC by less than ``_STALLED``."""
+    flat = fsc_mean <= state.fsc_mean + _STALLED
+    return (state.stalled + 1 if flat and changed < _MOVED else 0), (state.fsc_stalls + 1 if flat else 0)
+
+
+def _has_stalled(stalled: int, fsc_stalls: int) -> bool:
+    """Whether a run with these stall counts has stalled (:func:`_converged`)."""
+    return stalled >= 1 or fsc_stalls >= _FSC_PATIENCE
 
 
 def _converged(state: RefineState, grid: FourierGrid) -> bool:
@@ -374,8 +385,10 @@ def _converged(state: RefineState, grid: FourierGrid) -> bool:
     neither the maps nor the poses improve. The FSC alone stops too early: as the particles'
     accuracy σ shrinks, so does their posterior grid and the noise it averages, and the half
     maps' FSC stalls while the poses still improve (box 64: 2.49° at the FSC's stall, 2.34°
-    three iterations later, the FSC to the truth 0.948 → 0.946)."""
-    return state.iteration >= 3 and state.stalled >= 1
+    three iterations later, the FSC to the truth 0.948 → 0.946). Poses that never settle (junk
+    particles wandering between poses) do not keep a run going: ``_FSC_PATIENCE`` iterations in
+    a row without the FSC rising stop it too."""
+    return state.iteration >= 3 and _has_stalled(state.stalled, state.fsc_stalls)
 
 
 def _update_radius(band_px: float, grid: FourierGrid) -> float:
