@@ -71,12 +71,14 @@ def batches(star: Path, count: int) -> tuple[list, FourierGrid]:
 
 
 def residual_spectrum(truth: Truth, parts: list, grid: FourierGrid, band_px: float) -> tuple[Tensor, float]:
-    """σ² per image shell ``(1, shells)`` from the residuals at the true poses, and the residual's
-    power relative to the images' (the model check on noise-free images)."""
+    """σ² per image shell from the residuals at the true poses, pooled over the optics groups and
+    given to each, ``(G, shells)``, and the residual's power relative to the images' (the model
+    check on noise-free images)."""
     shells = grid.shell_px[band_mask(grid.freq_px, band_px)]
     sums = torch.zeros(int(grid.shell_px.max()) + 1, dtype=torch.float64)
     counts, residual, total = torch.zeros_like(sums), 0.0, 0.0
-    ones = torch.ones(1, len(sums), dtype=torch.float64)
+    groups = 1 + max(int(batch.groups().max()) for batch in parts)
+    ones = torch.ones(groups, len(sums), dtype=torch.float64)
     for batch in parts:
         images = BandImages.of(batch, grid, band_px, ones)
         model = truth.model(images, batch.rotations.double(), batch.shift_A.double())
@@ -85,7 +87,7 @@ def residual_spectrum(truth: Truth, parts: list, grid: FourierGrid, band_px: flo
         sums.index_add_(0, shells, power.sum(0))
         counts.index_add_(0, shells, torch.full_like(power[0], len(batch)))
         residual, total = residual + float(power.sum()), total + float(images.images_ft.abs().square().sum())
-    return (sums / counts.clamp(min=1))[None], residual / total
+    return (sums / counts.clamp(min=1)).expand(groups, -1), residual / total
 
 
 def rotation_covariance(truth: Truth, images: BandImages, rotations: Tensor, shift_A: Tensor,
