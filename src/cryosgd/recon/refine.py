@@ -28,11 +28,11 @@ Iteration n, for each half-set independently (docs/refinement.md):
    re-estimated from the residuals of the search.
 
 It stops when an iteration (from the third) raises the mean half-map FSC by less than 0.002
-and moves fewer than 1 % of the best poses by more than its final step, when three iterations in
-a row raise the FSC by less than 0.002, or at ``max_iter``: one
-last iteration then searches at Nyquist, ends on the posterior grid and updates by ``em`` —
-unless the stalled iteration already did all three, which is then the last. A checkpoint
-follows every iteration; ``resume`` repeats exactly what an uninterrupted run does.
+and moves fewer than 1 % of the best poses by more than its final step, when three iterations
+in a row raise the FSC by less than 0.002, or at ``max_iter``: one last iteration then searches
+at Nyquist, ends on the posterior grid and updates by ``em`` — unless the stalled iteration
+already did all three, which is then the last. A checkpoint follows every iteration;
+``resume`` repeats exactly what an uninterrupted run does.
 """
 
 from __future__ import annotations
