@@ -40,6 +40,7 @@ from cryosgd.pose.scores import band_mask
 from cryosgd.pose.search import BandImages
 from cryosgd.pose.shifts import phase_ramps
 from cryosgd.pose.so3 import exp_map
+from cryosgd.recon.gold_standard import split_halves
 from cryosgd.recon.halves import HalfSet
 from cryosgd.recon.settings import ReconstructionSettings
 
@@ -59,10 +60,12 @@ class Truth:
         return images.ctf.double() * phase_ramps(images.freq_invA.double(), shift_A[:, None])[:, 0] * slices
 
 
-def batches(star: Path, count: int) -> tuple[list, FourierGrid]:
-    """The first ``count`` particles of ``star`` in batches (the engine's images: FFT'd, on the disc)."""
+def batches(star: Path, count: int, half: int | None = None) -> tuple[list, FourierGrid]:
+    """The first ``count`` particles of ``star`` in batches (the engine's images: FFT'd, on the
+    disc); with ``half``, of that half-set as cryosgd splits them (seed 0)."""
     table = read_particles(star)
-    index = np.arange(min(count, len(table)))
+    index = np.arange(len(table)) if half is None else split_halves(table, seed=0)[half - 1]
+    index = index[:count]
     stack = ImageStack(table)
     grid = FourierGrid.create(stack.box_px, table.pixel_A, None, source=star)
     half = HalfSet(table.subset(index), stack.subset(index), grid, ReconstructionSettings(batch_size=250), 1,

@@ -1,7 +1,7 @@
 """Refinement with unknown poses: cryosgd refine (em and sgd updates) against RELION 3.1 auto-refine.
 
     python benchmarks/refine_vs_relion.py [--particles 10000] [--box 64] [--pixel 3.0] [--snr 0.05]
-                                          [--model ubq12] [--runs known em sgd relion oracle bound]
+                                          [--model ubq12] [--runs known em sgd relion oracle bound reference]
                                           [--relion-particles 3000] [--relion-minutes 30] [--workdir DIR]
 
 The dataset (benchmarks/datasets.py) is made by relion_project from an atomic model; the poses
@@ -13,7 +13,10 @@ on the first ``--relion-particles`` particles with a time cap (its last finished
 measured), ``cryosgd reconstruct`` with the true poses (the known-pose ceiling) and, with
 ``--runs oracle``, ``cryosgd refine --local`` from the true poses against the truth itself at
 full resolution, and with ``--runs bound`` the Cramér–Rao bound on the rotations
-(``pose_error_bound.py``): the pose error the data allow an ideal search. The table
+(``pose_error_bound.py``): the pose error the data allow an ideal search, and with ``--runs
+reference`` (after ``known``) the errors of local searches from the true poses against the
+truth and against the known-pose half maps (``pose_error_reference.py``): the best a
+gold-standard refinement can reach on these data. The table
 gives wall time, peak memory (all processes), the half-map resolution (FSC 0.143), the FSC of
 the joint map against the truth (mean over shells n/4 … n/2, and the 0.5 resolution), and the
 median rotation error against the true poses (after the best global rotation, which removes a
@@ -42,6 +45,7 @@ from cryosgd.pose.compare import pose_errors
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import dataset_parser, high_shell_mean, make_dataset, matching_rows, run_measured  # noqa: E402
 from pose_error_bound import bound_deg  # noqa: E402
+from pose_error_reference import reference_errors  # noqa: E402
 
 
 def prepare(root: Path, star: Path, pixel_A: float, relion_particles: int) -> None:
@@ -135,6 +139,12 @@ def main() -> None:
             errors = bound_deg(root, star.name, particles=2000)
             rows.append(f"{'Cramér–Rao bound':<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors):>12.2f}"
                         "  2,000 particles, the truth as reference")
+        elif run == "reference":  # no program: searches from the true poses (pose_error_reference.py)
+            for name, errors in reference_errors(root, star.name, particles=2000, diameter_A=diameter).items():
+                rows.append(f"{'from true, ' + name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}"
+                            f"{np.median(errors):>12.2f}  2,000 particles, a local search against the {name}")
+                print(rows[-1], flush=True)
+            continue
         elif run == "relion":
             seconds, peak, finished = run_measured(relion_command(root, diameter), root,
                                                    timeout_s=60 * args.relion_minutes)
