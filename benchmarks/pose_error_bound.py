@@ -62,15 +62,14 @@ class Truth:
 
 def batches(star: Path, count: int, half: int | None = None) -> tuple[list, FourierGrid]:
     """The first ``count`` particles of ``star`` in batches (the engine's images: FFT'd, on the
-    disc); with ``half``, of that half-set as cryosgd splits them (seed 0)."""
+    disc); with ``half`` (1 or 2), of that half-set as cryosgd's commands split them by default."""
     table = read_particles(star)
-    index = np.arange(len(table)) if half is None else split_halves(table, seed=0)[half - 1]
-    index = index[:count]
+    settings = ReconstructionSettings(batch_size=250)
+    index = np.arange(len(table)) if half is None else split_halves(table, settings.seed)[half - 1]
     stack = ImageStack(table)
     grid = FourierGrid.create(stack.box_px, table.pixel_A, None, source=star)
-    half = HalfSet(table.subset(index), stack.subset(index), grid, ReconstructionSettings(batch_size=250), 1,
-                   dtype=torch.float64)
-    return list(half.parts(None)), grid
+    chosen = HalfSet(table.subset(index[:count]), stack.subset(index[:count]), grid, settings, 1, dtype=torch.float64)
+    return list(chosen.parts(None)), grid
 
 
 def residual_spectrum(truth: Truth, parts: list, grid: FourierGrid, band_px: float) -> tuple[Tensor, float]:
@@ -136,6 +135,14 @@ def bound_deg(root: Path, star: str = "particles.star", particles: int = 2000, d
     return np.degrees(torch.cat(errors).numpy())
 
 
+def summary(errors_deg: np.ndarray) -> str:
+    """The median of rotation errors (degrees), their quartiles and 90th percentile, and the
+    share beyond 10°."""
+    return (f"median {np.median(errors_deg):.2f}° (25/75/90 %: "
+            + ", ".join(f"{np.percentile(errors_deg, q):.2f}°" for q in (25, 75, 90))
+            + f"), {np.mean(errors_deg > 10):.1%} beyond 10°")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
@@ -145,8 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     degrees = bound_deg(args.workdir, args.star, args.particles, args.draws)
     print(f"{len(degrees) // args.draws} particles of {args.workdir / args.star}")
-    print(f"Cramér–Rao bound, median rotation error: {np.median(degrees):.2f}° (25/75/90 %: "
-          + ", ".join(f"{np.percentile(degrees, q):.2f}°" for q in (25, 75, 90)) + ")")
+    print(f"Cramér–Rao bound, rotation error: {summary(degrees)}")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def main() -> None:
     rows = [f"{'program':<26}{'wall s':>9}{'peak GB':>9}{'half-map Å':>12}{'FSC n/4..n/2':>14}"
             f"{'truth 0.5 Å':>12}{'median err°':>12}"]
     for run in args.runs:
+        before = len(rows)
         if run == "known":
             seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "reconstruct", star.name, "-o", "known",
                                              "--force"], root)
@@ -140,25 +141,23 @@ def main() -> None:
             rows.append(f"{'Cramér–Rao bound':<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors):>12.2f}"
                         "  2,000 particles, the truth as reference")
         elif run == "reference":  # no program: searches from the true poses (pose_error_reference.py)
-            for name, errors in reference_errors(root, star.name, particles=2000, diameter_A=diameter).items():
-                rows.append(f"{'from true, ' + name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}"
-                            f"{np.median(errors):>12.2f}  2,000 particles, a local search against the {name}")
-                print(rows[-1], flush=True)
-            continue
+            rows.extend(f"{'from true, ' + name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors):>12.2f}"
+                        f"  2,000 particles, a local search against the {name}"
+                        for name, errors in reference_errors(root, star.name, diameter_A=diameter).items())
         elif run == "relion":
             seconds, peak, finished = run_measured(relion_command(root, diameter), root,
                                                    timeout_s=60 * args.relion_minutes)
             result = relion_outputs(root)
             if result is None:
                 rows.append(f"relion_refine_mpi: no iteration finished in {seconds:.0f} s")
-                continue
-            half1, half2, data_star, iteration = result
-            note = (f"{args.relion_particles} particles; " +
-                    ("converged" if finished else f"stopped at the {args.relion_minutes:.0f}-minute cap") +
-                    f" after iteration {iteration}")
-            rows.append(measure("relion_refine_mpi", seconds, peak, (half1, half2), data_star, truth, star, args.pixel,
-                                note))
-        print(rows[-1], flush=True)
+            else:
+                half1, half2, data_star, iteration = result
+                note = (f"{args.relion_particles} particles; " +
+                        ("converged" if finished else f"stopped at the {args.relion_minutes:.0f}-minute cap") +
+                        f" after iteration {iteration}")
+                rows.append(measure("relion_refine_mpi", seconds, peak, (half1, half2), data_star, truth, star,
+                                    args.pixel, note))
+        print("\n".join(rows[before:]), flush=True)
     print("\n" + "\n".join(rows))
 
 
