@@ -318,12 +318,15 @@ class Star:
         Path(path).write_text("\n".join(lines + [" ".join(r) for r in rows] + ["", ""]))
 
 
-def put_map(rel: str, voxel_A: float, nan: bool = False):
-    """A setup: a 16³ phantom at ``rel`` with this voxel size (and one NaN voxel)."""
+def put_map(rel: str, voxel_A: float, nan: bool = False, noise_seed: int | None = None):
+    """A setup: a 16³ phantom at ``rel`` with this voxel size (and one NaN voxel; or white noise
+    of the phantom's standard deviation drawn with ``noise_seed``: a half map)."""
     def setup(folder: Path) -> None:
         data = blob_phantom(16)
         if nan:
             data[8, 8, 8] = np.nan
+        if noise_seed is not None:
+            data = data + data.std() * np.random.default_rng(noise_seed).normal(size=data.shape)
         mrc(folder / rel, data, voxel_A)
     return setup
 
@@ -1257,6 +1260,12 @@ def cases() -> list[Case]:
     add(P, "refine --ref a map with NaN", [*ref, "--ref", "nan.mrc"], chain(SIM, nan_map), names=("nan.mrc",))
     add(P, "refine --mask a 32³ map", [*ref, "--ref", "truth.mrc", "--mask", "map32.mrc"], M32,
         names=("map32.mrc",))
+    add(P, "refine --mask a map of 5 Å pixels for 3 Å particles", [*ref, "--ref", "truth.mrc", "--mask", "ref5.mrc"],
+        chain(SIM, ref5), names=("ref5.mrc", "voxel size"))
+    add(P, "refine --join-res 5: finer than twice Nyquist (12 Å)", [*ref, "--ref", "truth.mrc", "--join-res", "5"],
+        SIM, names=("--join-res",))
+    add(P, "refine --ini-res 2: finer than Nyquist (6 Å)", [*ref, "--ref", "truth.mrc", "--ini-res", "2"], SIM,
+        names=("--ini-res",))
     add(P, "refine --sym X9", [*ref, "--ref", "truth.mrc", "--sym", "X9"], SIM, names=("--sym", "X9"))
     add(P, "refine --local on a STAR without angles", ["refine", "sim/edited.star", "-o", "out", "--ref", "truth.mrc",
                                                       "--local"], chain(put("truth.mrc"), star_edit(no_poses)),
@@ -1287,6 +1296,13 @@ def cases() -> list[Case]:
         chain(SIM, nan_map), names=("nan.mrc",))
     add(P, "postprocess --mask a 32³ map", ["postprocess", "truth.mrc", "sim/ground_truth.mrc", "-o", "out",
                                             "--mask", "map32.mrc"], M32, names=("map32.mrc",))
+    add(P, "postprocess --mask a map of 5 Å pixels", ["postprocess", "truth.mrc", "sim/ground_truth.mrc", "-o", "out",
+                                                      "--mask", "ref5.mrc"], chain(SIM, ref5),
+        names=("ref5.mrc", "voxel size"))
+    halves = chain(put_map("half1.mrc", 3.0, noise_seed=1), put_map("half2.mrc", 3.0, noise_seed=2))
+    add(P, "postprocess: half maps of about 12 Å, coarser than --autob-lowres: not sharpened",
+        ["postprocess", "half1.mrc", "half2.mrc", "-o", "out"], halves, expect=(0,), may_change=("out",),
+        check=exists("out/map_sharpened.mrc"))
     add(P, "postprocess -o out: out holds a foreign map_sharpened.mrc",
         ["postprocess", "truth.mrc", "sim/ground_truth.mrc", "-o", "out"],
         chain(SIM, write_file("out/map_sharpened.mrc")), names=("map_sharpened.mrc",))

@@ -42,7 +42,7 @@ def test_abinitio_recovers_the_structure_up_to_frame_and_hand(dataset, tmp_path,
     star, truth_path = dataset
     code, out = run_cli("abinitio", star, "-o", tmp_path / "a", "--seed", seed)
     assert code == 0, out
-    assert "hand" in out
+    assert "hand" in out and "steps 1–20/" in out and "final search of all" in out, out
     truth = read_particles(star)
     found = read_particles(tmp_path / "a" / "particles.star")
     errors = pose_errors(euler_to_matrix(torch.tensor(truth.angles_deg)), euler_to_matrix(torch.tensor(found.angles_deg)))
@@ -108,7 +108,9 @@ def test_auto_goes_from_particles_to_a_sharpened_map_and_resumes_by_stage(datase
         assert (top / name).stat().st_size > 0, name
     stages = json.loads((top / "auto.json").read_text())
     assert list(stages) == ["abinitio", "refine", "postprocess"] and stages["postprocess"]["resolution_A"] < 12
-    assert "Resolution" in (top / "report.md").read_text()
+    source = stages["postprocess"]["fsc_source"]  # which FSC the stage read the resolution from
+    assert f"Resolution {stages['postprocess']['resolution_A']:.2f} Å** ({source})" in (top / "report.md").read_text()
+    assert f"({source})" in out.strip().splitlines()[-1], out
     before = read_map(top / "map_sharpened.mrc")[0]  # its values: the MRC label holds the time of writing
     code, out = run_cli("auto", star, "-o", top, "--max-iter", 4, "--resume")  # every stage is done
     assert code == 0 and "iteration" not in out, out

@@ -8,6 +8,7 @@ half-map FSC falls through 0.143 near 3 Å, well inside the box.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.resources
 import os
 import shutil
@@ -17,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from cryosgd.analysis.postprocess import (auto_mask, connected_components, distance_to, masked_fsc,
+from cryosgd.analysis.postprocess import (auto_mask, connected_components, distance_to, fit_guinier, masked_fsc,
                                           postprocess)
 from cryosgd.errors import InputError
 from cryosgd.io.mrc import read_map, write_map
 from cryosgd.io.star import read_star
+from cryosgd.sim.phantom import blob_phantom
 from cryosgd.sim.simulate import blur, model_to_map
 
 BOX, VOXEL_A, BFACTOR_A2 = 64, 1.0, 80.0
@@ -174,6 +176,25 @@ def test_postprocess_writes_its_outputs(result, data):
     assert 2.5 <= result.resolution_A <= 3.6
     assert "\n" not in result.summary and f"{result.resolution_A:.2f} Å" in result.summary
     assert "B-factor −" in result.summary and str(result.paths["map_sharpened"]) in result.summary
+    assert result.fit_shells == int(np.loadtxt(folder / "guinier.csv", delimiter=",", skiprows=1)[:, -1].sum())
+    assert result.fit_shells >= 5 and "uncertain" not in result.summary
+    assert "fitted on 3 shells only: uncertain" in dataclasses.replace(result, fit_shells=3).summary
+
+
+def test_a_map_coarser_than_the_guinier_band_is_weighted_and_low_passed_but_not_sharpened(tmp_path):
+    """Half maps at about 12 Å: no shell between --autob-lowres (10 Å) and the resolution. The
+    run ends, says so, and applies no B-factor (the fit's band is empty, not an error)."""
+    s2 = np.linspace(0, 0.1, 20)
+    fit = fit_guinier(s2, -10 * s2, lowres_A=2.0, highres_A=6.55)
+    assert fit.bfactor_A2 == 0 and not fit.used.any()
+    truth = blob_phantom(16)
+    rng = np.random.default_rng(0)
+    for h in (1, 2):
+        write_map(tmp_path / f"half{h}.mrc", truth + truth.std() * rng.normal(size=truth.shape), 3.0)
+    result = postprocess(tmp_path / "half1.mrc", tmp_path / "half2.mrc", tmp_path / "out")
+    assert result.resolution_A > 10 and result.fit_shells == 0 and result.bfactor_A2 == 0
+    assert "no B-factor" in result.summary and "not sharpened" in result.summary
+    assert (tmp_path / "out" / "map_sharpened.mrc").is_file()
 
 
 def test_resolution_and_bfactor_match_relion_postprocess(data, tmp_path, relion_postprocess):
@@ -205,7 +226,8 @@ def test_resolution_and_bfactor_match_relion_postprocess(data, tmp_path, relion_
 @pytest.mark.parametrize("case,culprit,words", [
     ("shape", "half2", "differs from"), ("voxel", "half2", "voxel size"), ("zero", "half2", "all zero"),
     ("missing", "half2", "not found"), ("identical", None, "never drops below 0.8"),
-    ("mask_shape", "mask", "mask shape"), ("mask_range", "mask", "[0, 1]"), ("mask_zero", "mask", "all zero")])
+    ("mask_shape", "mask", "mask shape"), ("mask_range", "mask", "[0, 1]"), ("mask_zero", "mask", "all zero"),
+    ("mask_voxel", "mask", "differs from the half maps'")])
 def test_bad_inputs_give_one_line_errors_that_name_the_file(tmp_path, case, culprit, words):
     rng = np.random.default_rng(0)
     good = rng.normal(size=(16,) * 3).astype(np.float32)
@@ -216,7 +238,8 @@ def test_bad_inputs_give_one_line_errors_that_name_the_file(tmp_path, case, culp
     paths = {name: tmp_path / f"{name}_{case}.mrc" for name in maps}
     for name, volume in maps.items():
         if not (case == "missing" and name == "half2"):
-            write_map(paths[name], volume, 2 * VOXEL_A if case == "voxel" and name == "half2" else VOXEL_A)
+            write_map(paths[name], volume, 2 * VOXEL_A if (case, name) in (("voxel", "half2"), ("mask_voxel", "mask"))
+                      else VOXEL_A)
     with pytest.raises(InputError) as error:
         postprocess(paths["half1"], paths["half2"], tmp_path / "out", paths["mask"])
     message = str(error.value)

@@ -268,10 +268,13 @@ def test_relion_reconstructs_the_written_poses_into_the_same_map(dataset, refine
     ("zero_reference", "the reference is all zero"),
     ("tiny_reference", "cannot be resampled"),
     ("bad_mask", "a mask of box 24"),
+    ("mask_voxel", f"mask.mrc: voxel size {2 * PIXEL_A:g} Å differs from the particles' {PIXEL_A:g} Å"),
     ("no_ctf", "no CTF columns"),
     ("one_half", "rlnRandomSubset: half-set 2 is empty"),
     ("bad_sym", "--sym X7: expected C1, Cn, Dn, T, O or I"),
     ("wide_mask", "--particle-diameter 500: wider than the particles' box"),
+    ("fine_join", f"--join-res {2 * PIXEL_A:g}: the half maps would be averaged beyond half of Nyquist"),
+    ("fine_start", f"--ini-res {PIXEL_A:g}: finer than the particles' Nyquist ({2 * PIXEL_A:g} Å)"),
 ])
 def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, expected):
     star, truth = dataset
@@ -285,8 +288,9 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
     elif problem == "tiny_reference":
         write_map(tmp_path / "ref.mrc", blob_phantom(8), 1.0)
         args[3] = tmp_path / "ref.mrc"
-    elif problem == "bad_mask":
-        write_map(tmp_path / "mask.mrc", np.ones((24,) * 3, dtype=np.float32), PIXEL_A)
+    elif problem in ("bad_mask", "mask_voxel"):
+        box, voxel_A = (24, PIXEL_A) if problem == "bad_mask" else (BOX, 2 * PIXEL_A)
+        write_map(tmp_path / "mask.mrc", np.ones((box,) * 3, dtype=np.float32), voxel_A)
         args += ["--mask", tmp_path / "mask.mrc"]
     elif problem in ("no_ctf", "one_half"):
         table = read_particles(star)
@@ -299,6 +303,10 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
         args[1] = tmp_path / "edited.star"
     elif problem == "wide_mask":
         args += ["--particle-diameter", 500]
+    elif problem == "fine_join":
+        args += ["--join-res", 2 * PIXEL_A]
+    elif problem == "fine_start":
+        args += ["--ini-res", PIXEL_A]
     else:
         args += ["--sym", "X7"]
     code, out = run_cli(*args)

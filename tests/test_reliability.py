@@ -4,6 +4,7 @@ Each case runs the real command line and checks the exit code, that the message 
 naming the file or option and the value, and that nothing was written.
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -194,17 +195,26 @@ def _map(path, volume, voxel_A):
         mrc.voxel_size = voxel_A
 
 
+def test_a_missing_star_file_or_map_is_said_the_same_way(tmp_path):
+    write_map(tmp_path / "map.mrc", blob_phantom(16, seed=1), 2.0)
+    _one_line_error(*run_cli("reconstruct", tmp_path / "nothere.star", "-o", tmp_path / "out"),
+                    f"{tmp_path / 'nothere.star'}: file not found")
+    _one_line_error(*run_cli("flip", tmp_path / "nothere.mrc", "-o", tmp_path / "f.mrc"),
+                    f"{tmp_path / 'nothere.mrc'}: file not found")
+
+
 @pytest.mark.parametrize("case,expected", [
     ("zero_map", "b.mrc: all zero"),
     ("zero_mask", "mask.mrc: all zero"),
     ("voxel_sizes", "b.mrc: voxel size 3 Å differs from"),
+    ("mask_voxel", "mask.mrc: voxel size 3 Å differs from"),
     ("voxel_zero", "a.mrc: voxel size 0 Å in the header"),
 ])
 def test_fsc_refuses_maps_it_cannot_compare(tmp_path, case, expected):
     volume = blob_phantom(16, seed=1)
     _map(tmp_path / "a.mrc", volume, 0.0 if case == "voxel_zero" else 2.0)
     _map(tmp_path / "b.mrc", 0 * volume if case == "zero_map" else volume, 3.0 if case == "voxel_sizes" else 2.0)
-    _map(tmp_path / "mask.mrc", 0 * volume if case == "zero_mask" else 1 + 0 * volume, 0.0)
+    _map(tmp_path / "mask.mrc", 0 * volume if case == "zero_mask" else 1 + 0 * volume, 3.0 if case == "mask_voxel" else 0.0)
     _one_line_error(*run_cli("fsc", tmp_path / "a.mrc", tmp_path / "b.mrc", "--mask", tmp_path / "mask.mrc"), expected)
 
 
@@ -249,7 +259,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(dataset, finished_run, 
     import shutil
     shutil.copytree(finished_run, tmp_path / "r")
     _one_line_error(*_resume(dataset, tmp_path / "r", "--method", "pcg"),
-                    "--resume: made from another settings (method algorithm1 → pcg)")
+                    "--resume: made with other settings (method algorithm1 → pcg)")
 
 
 def test_resume_refuses_a_star_file_edited_since(dataset, tmp_path):
@@ -351,6 +361,22 @@ def test_ctrl_c_leaves_nothing_half_written_and_says_so(tmp_path, monkeypatch):
     code, out = run_cli("project", tmp_path / "map.mrc", tmp_path / "in.star", "-o", tmp_path / "p.mrcs")
     assert code == 130 and out.strip() == "interrupted: nothing was left half-written; run the command again to redo it"
     assert _files(tmp_path) == ["in.star", "map.mrc"]
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from_also_in_a_stage_folder(tmp_path):
+    """A run stopped after a checkpoint says how to continue; ``auto`` keeps its stages'
+    checkpoints in subfolders, and the newest of them is the one named."""
+    from cryosgd.cli import _interrupted
+    args = argparse.Namespace(output=str(tmp_path / "out"), resumable=True)
+    argv = ["auto", "p.star", "-o", str(tmp_path / "out"), "--force"]
+    assert _interrupted(args, argv).startswith("interrupted: nothing was left half-written")
+    for seconds, stage in enumerate(("abinitio", "refine")):
+        (tmp_path / "out" / stage).mkdir(parents=True)
+        (tmp_path / "out" / stage / "checkpoint.pt").write_bytes(b"")
+        os.utime(tmp_path / "out" / stage / "checkpoint.pt", (1e9 + seconds, 1e9 + seconds))
+    line = _interrupted(args, argv)
+    assert str(tmp_path / "out" / "refine" / "checkpoint.pt") in line, line
+    assert line.endswith(f"continue with: cryosgd auto p.star -o {tmp_path / 'out'} --resume"), line
 
 
 def test_ctrl_c_exits_at_once_whatever_threads_are_still_working():

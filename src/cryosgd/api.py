@@ -24,7 +24,7 @@ from cryosgd.data.stack import ImageStack
 from cryosgd.errors import InputError
 from cryosgd.fourier.fsc import FSCCurve, fsc as fsc_of_maps
 from cryosgd.io.atomic import atomic_path, write_lines
-from cryosgd.io.mrc import read_map, write_map
+from cryosgd.io.mrc import check_voxel_size, read_map, write_map
 from cryosgd.io.outputs import OutputFolder, check_new_files
 from cryosgd.pose.symmetry import symmetry_group
 from cryosgd.recon.ab_initio import OUTPUTS as ABINITIO_OUTPUTS
@@ -145,8 +145,13 @@ class AutoResult:
     @property
     def summary(self) -> str:
         bfactor = f"{self.bfactor_A2:.0f}".replace("-", "−")
-        return (f"resolution {self.resolution_A:.2f} Å (corrected masked FSC 0.143), B-factor {bfactor} Å²; "
+        return (f"resolution {self.resolution_A:.2f} Å ({_fsc_source(self.stages)}), B-factor {bfactor} Å²; "
                 f"sharpened map: {self.out_dir / 'map_sharpened.mrc'}; report: {self.out_dir / 'report.md'}")
+
+
+def _fsc_source(stages: dict) -> str:
+    """Which FSC the post-processing stage read the resolution from (``auto.json``)."""
+    return stages["postprocess"].get("fsc_source", "FSC 0.143")
 
 
 AUTO_FILES = ("map_sharpened.mrc", "particles.star", "report.md", "sections.png", "auto.json")
@@ -178,7 +183,8 @@ def auto(star: str | Path, out_dir: str | Path, *, particle_diameter_A: float | 
             def postprocess_stage(again: bool) -> dict:
                 result = run_postprocess(out / "refine" / "half1.mrc", out / "refine" / "half2.mrc", out / "postprocess")
                 progress.line(result.summary)
-                return {"resolution_A": result.resolution_A, "bfactor_A2": result.bfactor_A2}
+                return {"resolution_A": result.resolution_A, "bfactor_A2": result.bfactor_A2,
+                        "fsc_source": result.fsc_source}
 
             for name, run, files in (("abinitio", ab_initio_stage, ABINITIO_FILES),
                                      ("refine", refine_stage, REFINE_FILES),
@@ -223,9 +229,10 @@ def _auto_outputs(out: Path, star: str | Path, done: dict) -> None:
     pp, refine = done["postprocess"], done["refine"]
     bfactor = f"{pp['bfactor_A2']:.0f}".replace("-", "−")
     total = sum(stage["seconds"] for stage in done.values())
+    iterations = f"{refine['iterations']} refinement iteration{'s' * (refine['iterations'] != 1)}"
     lines = [f"# cryosgd auto: {star}", "",
-             f"**Resolution {pp['resolution_A']:.2f} Å** (corrected masked FSC 0.143), B-factor {bfactor} Å², "
-             f"after {refine['iterations']} refinement iterations (half maps {refine['half_map_resolution_A']:.2f} Å "
+             f"**Resolution {pp['resolution_A']:.2f} Å** ({_fsc_source(done)}), B-factor {bfactor} Å², "
+             f"after {iterations} (half maps {refine['half_map_resolution_A']:.2f} Å "
              f"unmasked). Sharpened map: `map_sharpened.mrc`; refined poses: `particles.star`.", "",
              f"The hand: {HAND}.", "", "| stage | folder | seconds |", "|---|---|---|"]
     lines += [f"| {name} | `{name}/` | {stage['seconds']:.0f} |" for name, stage in done.items()]
@@ -234,6 +241,8 @@ def _auto_outputs(out: Path, star: str | Path, done: dict) -> None:
               "## How it got there", "", "![ab initio map](abinitio/sections.png) ![ab initio](abinitio/abinitio.png)",
               "", "![refinement](refine/refinement.png) ![half-map FSC](refine/fsc.png)"]
     write_lines(out / "report.md", lines)
+
+
 def flip(map_path: str | Path, output: str | Path, *, force: bool = False) -> Path:
     """``cryosgd flip``: the mirror image of a map (the other hand), with its voxel size."""
     volume, voxel_A = read_map(map_path)
@@ -246,14 +255,14 @@ def fsc(map_a: str | Path, map_b: str | Path, mask: str | Path | None = None) ->
     """``cryosgd fsc``: FSC of two maps of the same box and voxel size, optionally masked."""
     a, pixel_a = read_map(map_a)
     b, pixel_b = read_map(map_b)
-    m = None if mask is None else read_map(mask, need_voxel_size=False)[0]
-    for path, other in ((map_b, b), (mask, m)):
+    m, pixel_m = (None, 0.0) if mask is None else read_map(mask, need_voxel_size=False)
+    for path, other, pixel in ((map_b, b, pixel_b), (mask, m, pixel_m)):
         if other is not None and other.shape != a.shape:
             raise InputError(path, f"shape {other.shape} differs from {map_a} {a.shape}")
+        if other is not None:
+            check_voxel_size(path, pixel, pixel_a, f"{map_a}'s")
     if a.shape[0] < 4:
         raise InputError(map_a, f"a box of {a.shape[0]} voxels: too small for an FSC (at least 4)")
-    if abs(pixel_a - pixel_b) > 1e-3 * pixel_a:
-        raise InputError(map_b, f"voxel size {pixel_b:g} Å differs from {map_a} ({pixel_a:g} Å)")
     for path, volume in ((map_a, a), (map_b, b), (mask, m)):
         if volume is not None and not np.any(volume):
             raise InputError(path, "all zero: no FSC can be computed")

@@ -170,7 +170,7 @@ def _refine_args(commands) -> None:
                    help="reference map (any box and voxel size; resampled, low-passed to --ini-res)")
     p.add_argument("-o", "--output", type=_path, required=True, metavar="FOLDER", help="output folder")
     p.add_argument("--ini-res", type=POSITIVE, default=30.0, metavar="Å",
-                   help="low-pass of the reference; sets the first search band (default: 30 Å)")
+                   help="low-pass of the reference; sets the first search band; at most Nyquist (default: 30 Å)")
     p.add_argument("--particle-diameter", type=POSITIVE, metavar="Å",
                    help="diameter of the soft spherical mask (default: 0.8 × the box)")
     p.add_argument("--mask", type=_path, metavar="MASK.mrc", help="a mask for the references instead of the sphere")
@@ -187,7 +187,8 @@ def _refine_args(commands) -> None:
     p.add_argument("--max-shift", type=POSITIVE, metavar="Å", help="origins searched within this radius "
                                                                     "(default: 5 pixels)")
     p.add_argument("--join-res", type=POSITIVE, default=40.0, metavar="Å",
-                   help="the half maps are averaged below this resolution (default: 40 Å, as RELION)")
+                   help="the half maps are averaged below this resolution; no finer than twice Nyquist's "
+                        "(default: 40 Å, as RELION)")
     p.add_argument("--batch-size", type=COUNT, default=1000, metavar="N", help="images per batch (default: 1000)")
     p.add_argument("--box", type=COUNT, metavar="PX", help="working box (px): Fourier-crop the images to it")
     p.add_argument("--pixel-size", type=POSITIVE, metavar="Å", help="pixel size for STAR 3.0 files that lack it")
@@ -362,7 +363,8 @@ def _refine(a) -> None:
     result = refine(a.star, a.ref, a.output, settings, mask=a.mask, resume=a.resume, force=a.force, device=a.device,
                     pixel_A=a.pixel_size)
     if dist.is_main():
-        print(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å after {len(result.metrics)} iterations")
+        n = len(result.metrics)
+        print(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å after {n} iteration{'s' * (n != 1)}")
         print(f"maps: {a.output / 'map.mrc'}, half maps beside it; poses: {a.output / 'particles.star'}; "
               f"plots: {a.output / 'fsc.png'}, {a.output / 'refinement.png'}")
 
@@ -465,12 +467,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
-    checkpoint = getattr(args, "output", None) and Path(args.output) / "checkpoint.pt"
-    if not getattr(args, "resumable", False) or not (checkpoint and checkpoint.exists()):
+    out = getattr(args, "output", None)
+    checkpoint = _last_checkpoint(Path(out)) if out and getattr(args, "resumable", False) else None
+    if checkpoint is None:
         return "interrupted: nothing was left half-written; run the command again to redo it"
     again = [a for a in argv if a not in ("--resume", "--force")]
     return (f"interrupted: the last finished step is in {checkpoint}; continue with: "
             f"cryosgd {shlex.join(again)} --resume")
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint of the run in ``out``: its own, or a stage's in a subfolder (auto)."""
+    found = [path for path in (out / "checkpoint.pt", *out.glob("*/checkpoint.pt")) if path.exists()]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def entry_point() -> None:

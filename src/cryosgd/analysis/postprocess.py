@@ -69,11 +69,12 @@ from cryosgd.fourier.fsc import FSCCurve, fsc_of_ft
 from cryosgd.fourier.grids import shell_index, voxel_multiplicity
 from cryosgd.fourier.maps import low_pass_ft
 from cryosgd.io.atomic import write_lines
-from cryosgd.io.mrc import read_map, write_map
+from cryosgd.io.mrc import check_voxel_size, read_map, write_map
 from cryosgd.report import save_curves, save_fsc_plot
 
 RANDOMIZE_AT_FSC = 0.8
 RESOLUTION_FSC = 0.143
+_FEW_SHELLS = 5  # a Guinier fit on fewer shells is flagged in the summary
 
 
 def low_pass_at_shell(volume_ft: Tensor, box_px: int, voxel_A: float, resolution_A: float) -> Tensor:
@@ -294,14 +295,15 @@ class GuinierFit:
 def fit_guinier(s2_invA2: np.ndarray, ln_amplitude: np.ndarray, lowres_A: float = 10.0,
                 highres_A: float = 0.0) -> GuinierFit:
     """Least-squares line through the Guinier points of shells ≥ 1 with resolution in
-    [``highres_A``, ``lowres_A``] and a finite ln amplitude (RELION's ``fitStraightLine``)."""
+    [``highres_A``, ``lowres_A``] and a finite ln amplitude (RELION's ``fitStraightLine``).
+    With fewer than two such shells (a map whose resolution is coarser than ``lowres_A``) there
+    is no line: slope 0 (B = 0, no sharpening), intercept NaN, no shell used."""
     with np.errstate(divide="ignore"):
         resolution_A = 1 / np.sqrt(s2_invA2)
     within = (resolution_A <= lowres_A * (1 + 1e-9)) & (resolution_A >= highres_A * (1 - 1e-9))
     used = (s2_invA2 > 0) & within & np.isfinite(ln_amplitude)
     if used.sum() < 2:
-        raise InputError(None, f"B-factor fit: {used.sum()} shell(s) with signal between {lowres_A:g} Å and "
-                               f"{highres_A:.3g} Å; the map's resolution is too low for a Guinier fit")
+        return GuinierFit(0.0, math.nan, np.zeros_like(used))
     slope, intercept = np.polyfit(s2_invA2[used], ln_amplitude[used], 1)
     return GuinierFit(float(slope), float(intercept), used)
 
@@ -378,14 +380,26 @@ class PostprocessResult:
     bfactor_A2: float
     fsc: MaskedFSC
     fsc_used: FSCCurve
+    fit_shells: int  # the shells the Guinier fit used
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
+    def fsc_source(self) -> str:
+        """Which FSC the resolution was read from, in words."""
+        if self.fsc_used is self.fsc.corrected:
+            return "corrected masked FSC 0.143"
+        return "unmasked FSC 0.143; the mask made the corrected FSC worse"
+
+    @property
     def summary(self) -> str:
-        source = "corrected masked FSC 0.143" if self.fsc_used is self.fsc.corrected else \
-            "unmasked FSC 0.143; the mask made the corrected FSC worse"
-        bfactor = f"{self.bfactor_A2:.0f}".replace("-", "−")
-        return (f"resolution {self.resolution_A:.2f} Å ({source}), B-factor {bfactor} Å², "
+        if self.fit_shells == 0:
+            bfactor = ("no B-factor (no shells between --autob-lowres and the resolution: FSC-weighted and "
+                       "low-passed, not sharpened)")
+        else:
+            few = f" (fitted on {self.fit_shells} shells only: uncertain)" if self.fit_shells < _FEW_SHELLS else ""
+            number = f"{self.bfactor_A2:.0f}".replace("-", "−")
+            bfactor = f"B-factor {number} Å²{few}"
+        return (f"resolution {self.resolution_A:.2f} Å ({self.fsc_source}), {bfactor}, "
                 f"sharpened map: {self.paths['map_sharpened']}")
 
 
@@ -399,16 +413,16 @@ def read_inputs(half1_path: str | Path, half2_path: str | Path,
                                      "least 8")
     if half2.shape != half1.shape:
         raise InputError(half2_path, f"shape {half2.shape} differs from {half1_path}'s {half1.shape}")
-    if abs(voxel2_A - voxel_A) > 1e-3 * voxel_A:
-        raise InputError(half2_path, f"voxel size {voxel2_A:g} Å differs from {half1_path}'s {voxel_A:g} Å")
+    check_voxel_size(half2_path, voxel2_A, voxel_A, f"{half1_path}'s")
     for path, data in ((half1_path, half1), (half2_path, half2)):
         if not data.any():
             raise InputError(path, "the map is all zero")
     mask = None
     if mask_path is not None:
-        mask, _ = read_map(mask_path, need_voxel_size=False)
+        mask, mask_voxel_A = read_map(mask_path, need_voxel_size=False)
         if mask.shape != half1.shape:
             raise InputError(mask_path, f"mask shape {mask.shape} differs from the half maps' {half1.shape}")
+        check_voxel_size(mask_path, mask_voxel_A, voxel_A, "the half maps'")
         if mask.min() < -1e-6 or mask.max() > 1 + 1e-6:
             raise InputError(mask_path, f"mask values from {mask.min():.4g} to {mask.max():.4g}: they must lie in "
                                         "[0, 1] (1 = protein, 0 = solvent)")
@@ -449,7 +463,7 @@ def postprocess(half1_path: str | Path, half2_path: str | Path, out_dir: str | P
     write_map(paths["map_sharpened_masked"], (sharp.volume * torch.as_tensor(mask, dtype=torch.float64)).numpy(),
               voxel_A)
     paths.update(write_tables(out_dir, curves, sharp))
-    return PostprocessResult(resolution_A, sharp.fit.bfactor_A2, curves, used, paths)
+    return PostprocessResult(resolution_A, sharp.fit.bfactor_A2, curves, used, int(sharp.fit.used.sum()), paths)
 
 
 def write_tables(out_dir: Path, curves: MaskedFSC, sharp: Sharpened) -> dict[str, Path]:
@@ -474,7 +488,8 @@ def write_tables(out_dir: Path, curves: MaskedFSC, sharp: Sharpened) -> dict[str
     finite = {label: np.where(np.isfinite(y), y, np.nan)[1:] for label, y in (
         ("joint map (unmasked)", sharp.ln_amplitude), ("FSC-weighted", sharp.ln_amplitude_weighted),
         ("sharpened", sharp.ln_amplitude_sharpened))}
-    finite[f"fit: B = {fit.bfactor_A2:.0f} Å²".replace("-", "−")] = np.where(fit.used, line, np.nan)[1:]
+    label = f"fit: B = {fit.bfactor_A2:.0f} Å²".replace("-", "−") if fit.used.any() else "no fit (too few shells)"
+    finite[label] = np.where(fit.used, line, np.nan)[1:]
     paths["guinier_png"] = save_curves(out_dir / "guinier.png", sharp.s2_invA2[1:], finite, xlabel="s² (Å⁻²)",
                                        ylabel="ln(mean |F|)", title="Guinier plot")
     return paths

@@ -63,7 +63,8 @@ def load_checkpoint(path: str | Path, types: list[type] = (), device=None) -> di
                                "start again without --resume (and with --force)") from None
 
 
-_IDENTITY = (("star", "STAR file"), ("particles", "particle table"), ("stacks", "image stacks"), ("settings", "settings"))
+_IDENTITY = (("star", "from another STAR file"), ("particles", "from another particle table"),
+             ("stacks", "from other image stacks"), ("settings", "with other settings"))
 
 
 def load_resumable(path: str | Path, identity: dict, types: list[type] = (), device=None) -> dict:
@@ -78,7 +79,7 @@ def load_resumable(path: str | Path, identity: dict, types: list[type] = (), dev
     for key, what in _IDENTITY:
         if theirs.get(key) != identity[key]:
             detail = f" ({theirs.get('star')})" if key == "star" else _difference(theirs.get(key), identity[key])
-            raise InputError(path, f"--resume: made from another {what}{detail}; "
+            raise InputError(path, f"--resume: made {what}{detail}; "
                                    "choose another -o, or drop --resume and add --force to start over")
     return saved
 

@@ -45,6 +45,14 @@ def read_map(path: str | Path, need_voxel_size: bool = True) -> tuple[np.ndarray
     return data, voxel_A
 
 
+def check_voxel_size(path: str | Path, voxel_A: float, expected_A: float, whose: str) -> None:
+    """Refuse a map (``path``) whose header voxel size ``voxel_A`` differs by more than 0.1 % from
+    ``expected_A``; ``whose`` names what the map goes with, possessive (``"the particles'"``,
+    ``"half1.mrc's"``). A mask's 0 (not set) passes."""
+    if voxel_A > 0 and abs(voxel_A - expected_A) > 1e-3 * expected_A:
+        raise InputError(path, f"voxel size {voxel_A:g} Å differs from {whose} {expected_A:g} Å")
+
+
 def write_map(path: str | Path, data: np.ndarray, voxel_A: float) -> None:
     """Write a float32 map or stack with its voxel size (Å), atomically.
 

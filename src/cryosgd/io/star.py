@@ -29,6 +29,8 @@ class StarBlock:
 def read_star(path: str | Path) -> dict[str, StarBlock]:
     """Parse a STAR file into ``{block name: StarBlock}`` (block names without ``data_``)."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")  # as for maps (cryosgd.io.mrc.open_mrc)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

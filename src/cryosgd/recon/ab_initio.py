@@ -183,10 +183,14 @@ def ab_initio(inputs: AbInitioInput, out_dir: str | Path, settings: AbInitioSett
         progress.advance()
         if (t + 1) % _CHECKPOINT_EVERY == 0 or t + 1 == schedule.steps:
             _save(out_dir, inputs.identity(settings), state, metrics)
-            progress.line(_line(metrics[-1], schedule.steps))
+            block = metrics[t // _CHECKPOINT_EVERY * _CHECKPOINT_EVERY:]  # the steps since the last line
+            progress.line(_line(block, schedule.steps))
     if state.step == schedule.steps:  # the final search has not been done
+        start = time.perf_counter()
         state = _final_search(inputs, settings, store, mask, state, schedule)
         _save(out_dir, inputs.identity(settings), state, metrics)
+        progress.line(f"final search of all {len(inputs.table)} particles and {_LOCAL_PASSES} local passes: "
+                      f"{time.perf_counter() - start:.1f} s")
     _write_outputs(out_dir, inputs, settings, state)
     progress.line(HAND)
     return AbInitioResult(out_dir, metrics)
@@ -354,10 +358,13 @@ def _record(poses: PoseTable, index: np.ndarray, found, weight: Tensor) -> PoseT
     return PoseTable(*fields, poses.sigma_deg)
 
 
-def _line(row: dict, steps: int) -> str:
-    return (f"step {row['step']}/{steps}: band {row['band_A']:.1f} Å, {row['batch']} images × {row['rotations']} "
-            f"rotations, best pose {100 * row['best_probability']:.0f} % of the weight, loss {row['loss']:.6g}, "
-            f"{row['seconds']:.1f} s")
+def _line(block: list[dict], steps: int) -> str:
+    """A progress line for the metrics rows of a block of steps: the last one's numbers and the
+    block's time."""
+    row, seconds = block[-1], sum(r["seconds"] for r in block)
+    return (f"steps {block[0]['step']}–{row['step']}/{steps}: band {row['band_A']:.1f} Å, {row['batch']} images × "
+            f"{row['rotations']} rotations, best pose {100 * row['best_probability']:.0f} % of the weight, loss "
+            f"{row['loss']:.6g}, {seconds:.1f} s")
 
 
 def _save(out_dir: Path, identity: dict, state: AbInitioState, metrics: list[dict]) -> None:

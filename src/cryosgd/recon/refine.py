@@ -59,7 +59,7 @@ from cryosgd.fourier.grids import FourierGrid, shell_index
 from cryosgd.fourier.maps import low_pass, masked_ft, resample, soft_sphere, support_radius_px
 from cryosgd.io.atomic import write_lines
 from cryosgd.io.checkpoint import load_resumable, save_checkpoint
-from cryosgd.io.mrc import read_map, write_map
+from cryosgd.io.mrc import check_voxel_size, read_map, write_map
 from cryosgd.objective.loss import DataTerms, LeastSquares
 from cryosgd.objective.noise import residual_power
 from cryosgd.optim.linesearch import ArmijoState
@@ -138,6 +138,7 @@ class RefineInput:
             table.require_poses()
         stack = ImageStack(table)
         grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px, source=stack.paths[0])
+        _check_resolutions(settings, grid)
         group = symmetry_group(settings.sym)
         halves = tuple(split_halves(table, settings.seed))
         files = (Path(star), *stack.paths, Path(reference), *(() if mask is None else (Path(mask),)))
@@ -148,6 +149,21 @@ class RefineInput:
         """What a checkpoint is resumed only with (as :meth:`ReconstructionInput.identity`)."""
         return {"star": str(self.star.resolve()), "particles": self.table.digest(), "stacks": self.stack.files(),
                 "settings": {**settings.identity(), "schedule": _SCHEDULE}}
+
+
+def _check_resolutions(settings: RefineSettings, grid: FourierGrid) -> None:
+    """``ini_res_A`` no finer than Nyquist, and ``join_res_A`` no finer than twice Nyquist's
+    resolution: the half maps stay independent over the upper half of the band at least, where
+    their FSC sets the resolution. (Joined everywhere, they would agree everywhere, and report
+    Nyquist whatever the data hold.)"""
+    nyquist_A = 2 * grid.work_pixel_A
+    if settings.ini_res_A < nyquist_A:
+        raise InputError(None, f"--ini-res {settings.ini_res_A:g}: finer than the particles' Nyquist "
+                               f"({nyquist_A:g} Å)")
+    if settings.join_res_A < 2 * nyquist_A:
+        raise InputError(None, f"--join-res {settings.join_res_A:g}: the half maps would be averaged beyond half "
+                               f"of Nyquist ({2 * nyquist_A:g} Å), and their FSC could not measure the resolution "
+                               "(RELION's default: 40 Å)")
 
 
 def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
@@ -169,9 +185,10 @@ def _mask(path: str | Path | None, settings: RefineSettings, grid: FourierGrid) 
     n, pixel = grid.work_box_px, grid.work_pixel_A
     if path is None:
         return soft_sphere(n, mask_radius_px(settings.particle_diameter_A, grid), edge_px=max(2.0, n / 32))
-    volume, _ = read_map(path, need_voxel_size=False)
+    volume, voxel_A = read_map(path, need_voxel_size=False)
     if volume.shape[0] not in (grid.box_px, n):
         raise InputError(path, f"a mask of box {volume.shape[0]}: expected the particles' box {grid.box_px}")
+    check_voxel_size(path, voxel_A, grid.pixel_A if volume.shape[0] == grid.box_px else pixel, "the particles'")
     if not volume.max() > 0:
         raise InputError(path, "the mask is all zero")
     mask = torch.as_tensor(volume, dtype=torch.float64)
