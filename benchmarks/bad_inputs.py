@@ -1262,10 +1262,8 @@ def cases() -> list[Case]:
         names=("map32.mrc",))
     add(P, "refine --mask a map of 5 Å pixels for 3 Å particles", [*ref, "--ref", "truth.mrc", "--mask", "ref5.mrc"],
         chain(SIM, ref5), names=("ref5.mrc", "voxel size"))
-    add(P, "refine --join-res 5: finer than twice Nyquist (12 Å)", [*ref, "--ref", "truth.mrc", "--join-res", "5"],
+    add(P, "refine --join-res 5: finer than 1.5 × Nyquist (9 Å)", [*ref, "--ref", "truth.mrc", "--join-res", "5"],
         SIM, names=("--join-res",))
-    add(P, "refine --ini-res 2: finer than Nyquist (6 Å)", [*ref, "--ref", "truth.mrc", "--ini-res", "2"], SIM,
-        names=("--ini-res",))
     add(P, "refine --sym X9", [*ref, "--ref", "truth.mrc", "--sym", "X9"], SIM, names=("--sym", "X9"))
     add(P, "refine --local on a STAR without angles", ["refine", "sim/edited.star", "-o", "out", "--ref", "truth.mrc",
                                                       "--local"], chain(put("truth.mrc"), star_edit(no_poses)),

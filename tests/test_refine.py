@@ -273,8 +273,7 @@ def test_relion_reconstructs_the_written_poses_into_the_same_map(dataset, refine
     ("one_half", "rlnRandomSubset: half-set 2 is empty"),
     ("bad_sym", "--sym X7: expected C1, Cn, Dn, T, O or I"),
     ("wide_mask", "--particle-diameter 500: wider than the particles' box"),
-    ("fine_join", f"--join-res {2 * PIXEL_A:g}: the half maps would be averaged beyond half of Nyquist"),
-    ("fine_start", f"--ini-res {PIXEL_A:g}: finer than the particles' Nyquist ({2 * PIXEL_A:g} Å)"),
+    ("fine_join", f"--join-res {2 * PIXEL_A:g}: finer than {3 * PIXEL_A:g} Å, 1.5 × Nyquist"),
 ])
 def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, expected):
     star, truth = dataset
@@ -305,8 +304,6 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
         args += ["--particle-diameter", 500]
     elif problem == "fine_join":
         args += ["--join-res", 2 * PIXEL_A]
-    elif problem == "fine_start":
-        args += ["--ini-res", PIXEL_A]
     else:
         args += ["--sym", "X7"]
     code, out = run_cli(*args)

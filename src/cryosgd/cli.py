@@ -170,7 +170,7 @@ def _refine_args(commands) -> None:
                    help="reference map (any box and voxel size; resampled, low-passed to --ini-res)")
     p.add_argument("-o", "--output", type=_path, required=True, metavar="FOLDER", help="output folder")
     p.add_argument("--ini-res", type=POSITIVE, default=30.0, metavar="Å",
-                   help="low-pass of the reference; sets the first search band; at most Nyquist (default: 30 Å)")
+                   help="low-pass of the reference; sets the first search band (default: 30 Å)")
     p.add_argument("--particle-diameter", type=POSITIVE, metavar="Å",
                    help="diameter of the soft spherical mask (default: 0.8 × the box)")
     p.add_argument("--mask", type=_path, metavar="MASK.mrc", help="a mask for the references instead of the sphere")
@@ -187,8 +187,8 @@ def _refine_args(commands) -> None:
     p.add_argument("--max-shift", type=POSITIVE, metavar="Å", help="origins searched within this radius "
                                                                     "(default: 5 pixels)")
     p.add_argument("--join-res", type=POSITIVE, default=40.0, metavar="Å",
-                   help="the half maps are averaged below this resolution; no finer than twice Nyquist's "
-                        "(default: 40 Å, as RELION)")
+                   help="the half maps are averaged below this resolution; no finer than 1.5 × the Nyquist "
+                        "resolution (default: 40 Å, as RELION)")
     p.add_argument("--batch-size", type=COUNT, default=1000, metavar="N", help="images per batch (default: 1000)")
     p.add_argument("--box", type=COUNT, metavar="PX", help="working box (px): Fourier-crop the images to it")
     p.add_argument("--pixel-size", type=POSITIVE, metavar="Å", help="pixel size for STAR 3.0 files that lack it")

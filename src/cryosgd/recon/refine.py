@@ -138,7 +138,7 @@ class RefineInput:
             table.require_poses()
         stack = ImageStack(table)
         grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px, source=stack.paths[0])
-        _check_resolutions(settings, grid)
+        _check_join_res(settings, grid)
         group = symmetry_group(settings.sym)
         halves = tuple(split_halves(table, settings.seed))
         files = (Path(star), *stack.paths, Path(reference), *(() if mask is None else (Path(mask),)))
@@ -151,19 +151,15 @@ class RefineInput:
                 "settings": {**settings.identity(), "schedule": _SCHEDULE}}
 
 
-def _check_resolutions(settings: RefineSettings, grid: FourierGrid) -> None:
-    """``ini_res_A`` no finer than Nyquist, and ``join_res_A`` no finer than twice Nyquist's
-    resolution: the half maps stay independent over the upper half of the band at least, where
-    their FSC sets the resolution. (Joined everywhere, they would agree everywhere, and report
-    Nyquist whatever the data hold.)"""
-    nyquist_A = 2 * grid.work_pixel_A
-    if settings.ini_res_A < nyquist_A:
-        raise InputError(None, f"--ini-res {settings.ini_res_A:g}: finer than the particles' Nyquist "
-                               f"({nyquist_A:g} Å)")
-    if settings.join_res_A < 2 * nyquist_A:
-        raise InputError(None, f"--join-res {settings.join_res_A:g}: the half maps would be averaged beyond half "
-                               f"of Nyquist ({2 * nyquist_A:g} Å), and their FSC could not measure the resolution "
-                               "(RELION's default: 40 Å)")
+def _check_join_res(settings: RefineSettings, grid: FourierGrid) -> None:
+    """``join_res_A`` no finer than 1.5 × the Nyquist resolution: the half maps stay independent
+    over the top third of the band's shells at least, where their FSC sets the resolution.
+    (Joined everywhere, they agree everywhere, and report Nyquist whatever the data hold.)"""
+    limit_A = 1.5 * 2 * grid.work_pixel_A
+    if settings.join_res_A < limit_A:
+        raise InputError(None, f"--join-res {settings.join_res_A:g}: finer than {limit_A:g} Å, 1.5 × Nyquist; the "
+                               "half maps would be averaged over most of the band, and their FSC could not measure "
+                               "the resolution (RELION's default: 40 Å)")
 
 
 def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
