@@ -195,6 +195,8 @@ def test_a_map_coarser_than_the_guinier_band_is_weighted_and_low_passed_but_not_
     assert result.resolution_A > 10 and result.fit_shells == 0 and result.bfactor_A2 == 0
     assert "no B-factor" in result.summary and "not sharpened" in result.summary
     assert (tmp_path / "out" / "map_sharpened.mrc").is_file()
+    rows = (tmp_path / "out" / "guinier.csv").read_text().splitlines()[1:]
+    assert rows and all(row.split(",")[4:] == ["", "0"] for row in rows), rows[:3]  # no line, no shell used
 
 
 def test_resolution_and_bfactor_match_relion_postprocess(data, tmp_path, relion_postprocess):

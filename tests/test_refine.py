@@ -3,6 +3,7 @@
 written poses into the same map, and bad inputs are one-line errors."""
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -309,3 +310,23 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
     code, out = run_cli(*args)
     assert code == 2 and out.startswith("error: ") and out.strip().count("\n") == 0 and expected in out, out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("box,voxel_A,refused", [
+    (BOX, PIXEL_A, None), (BOX // 2, 2 * PIXEL_A, None), (BOX, 0.0, None),  # 0: a header that does not say
+    (BOX, 2 * PIXEL_A, f"differs from the particles' {PIXEL_A:g} Å"),
+    (BOX // 2, PIXEL_A, f"differs from the working box's (--box {BOX // 2}) {2 * PIXEL_A:g} Å"),
+    (BOX // 4, PIXEL_A, f"expected the particles' box {BOX} or the working box {BOX // 2} (--box)"),
+])
+def test_a_mask_is_taken_on_the_particles_grid_or_the_working_box_and_no_other(tmp_path, box, voxel_A, refused):
+    from cryosgd.errors import InputError
+    from cryosgd.fourier.grids import FourierGrid
+    from cryosgd.recon.refine import _mask
+    from cryosgd.recon.settings import RefineSettings
+    grid = FourierGrid.create(BOX, PIXEL_A, BOX // 2)
+    write_map(tmp_path / "mask.mrc", np.ones((box,) * 3, dtype=np.float32), voxel_A)
+    if refused is None:
+        assert _mask(tmp_path / "mask.mrc", RefineSettings(), grid).shape == (BOX // 2,) * 3
+    else:
+        with pytest.raises(InputError, match=re.escape(refused)):
+            _mask(tmp_path / "mask.mrc", RefineSettings(), grid)

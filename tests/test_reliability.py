@@ -4,7 +4,6 @@ Each case runs the real command line and checks the exit code, that the message 
 naming the file or option and the value, and that nothing was written.
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -366,15 +365,15 @@ def test_ctrl_c_leaves_nothing_half_written_and_says_so(tmp_path, monkeypatch):
 def test_ctrl_c_names_the_checkpoint_to_resume_from_also_in_a_stage_folder(tmp_path):
     """A run stopped after a checkpoint says how to continue; ``auto`` keeps its stages'
     checkpoints in subfolders, and the newest of them is the one named."""
-    from cryosgd.cli import _interrupted
-    args = argparse.Namespace(output=str(tmp_path / "out"), resumable=True)
+    from cryosgd.cli import _interrupted, build_parser
     argv = ["auto", "p.star", "-o", str(tmp_path / "out"), "--force"]
+    args = build_parser().parse_args(argv)
     assert _interrupted(args, argv).startswith("interrupted: nothing was left half-written")
-    for seconds, stage in enumerate(("abinitio", "refine")):
+    for seconds, stage in enumerate(("old_reconstruction", "abinitio", "refine", "newer_unrelated")):
         (tmp_path / "out" / stage).mkdir(parents=True)
         (tmp_path / "out" / stage / "checkpoint.pt").write_bytes(b"")
         os.utime(tmp_path / "out" / stage / "checkpoint.pt", (1e9 + seconds, 1e9 + seconds))
-    line = _interrupted(args, argv)
+    line = _interrupted(args, argv)  # the newest of auto's stages' checkpoints, not another folder's
     assert str(tmp_path / "out" / "refine" / "checkpoint.pt") in line, line
     assert line.endswith(f"continue with: cryosgd auto p.star -o {tmp_path / 'out'} --resume"), line
 

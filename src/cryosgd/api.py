@@ -17,7 +17,7 @@ import numpy as np
 
 from cryosgd import dist
 from cryosgd.analysis.conditioning import HessianReport, HessianSettings, analyse
-from cryosgd.analysis.postprocess import PostprocessResult
+from cryosgd.analysis.postprocess import PostprocessResult, bfactor_words
 from cryosgd.analysis.postprocess import postprocess as run_postprocess
 from cryosgd.data.particles import read_particles
 from cryosgd.data.stack import ImageStack
@@ -33,10 +33,10 @@ from cryosgd.recon.ab_initio import ab_initio as run_ab_initio
 from cryosgd.recon.reconstruct import OUTPUTS, ReconstructionInput, ReconstructionResult
 from cryosgd.recon.reconstruct import reconstruct as run_reconstruction
 from cryosgd.recon.refine import OUTPUTS as REFINE_OUTPUTS
-from cryosgd.recon.refine import RefineInput, RefineResult
+from cryosgd.recon.refine import RefineInput, RefineResult, min_join_res_A
 from cryosgd.recon.refine import refine as run_refinement
 from cryosgd.recon.settings import AbInitioSettings, ReconstructionSettings, RefineSettings
-from cryosgd.report import (Progress, save_abinitio_plot, save_fsc_plot, save_montage, save_progress_plot,
+from cryosgd.report import (Progress, plural, save_abinitio_plot, save_fsc_plot, save_montage, save_progress_plot,
                             save_refinement_plot, save_sections)
 from cryosgd.resources import resolve_device
 from cryosgd.sim.project import project
@@ -144,14 +144,18 @@ class AutoResult:
 
     @property
     def summary(self) -> str:
-        bfactor = f"{self.bfactor_A2:.0f}".replace("-", "−")
-        return (f"resolution {self.resolution_A:.2f} Å ({_fsc_source(self.stages)}), B-factor {bfactor} Å²; "
+        return (f"resolution {self.resolution_A:.2f} Å ({_fsc_source(self.stages)}), {_bfactor(self.stages)}; "
                 f"sharpened map: {self.out_dir / 'map_sharpened.mrc'}; report: {self.out_dir / 'report.md'}")
 
 
 def _fsc_source(stages: dict) -> str:
     """Which FSC the post-processing stage read the resolution from (``auto.json``)."""
     return stages["postprocess"].get("fsc_source", "FSC 0.143")
+
+
+def _bfactor(stages: dict) -> str:
+    """The post-processing stage's B-factor in words (``auto.json``; older ones lack ``fit_shells``)."""
+    return bfactor_words(stages["postprocess"]["bfactor_A2"], stages["postprocess"].get("fit_shells"))
 
 
 AUTO_FILES = ("map_sharpened.mrc", "particles.star", "report.md", "sections.png", "auto.json")
@@ -165,8 +169,10 @@ def auto(star: str | Path, out_dir: str | Path, *, particle_diameter_A: float | 
     torch_device = _device(device)
     out = Path(out_dir)
     abinitio_settings = AbInitioSettings(particle_diameter_A=particle_diameter_A, seed=seed)
-    refine_settings = RefineSettings(particle_diameter_A=particle_diameter_A, sym=sym, max_iter=max_iter, seed=seed)
     first = AbInitioInput.read(star, abinitio_settings, pixel_A)
+    join_res_A = max(RefineSettings.join_res_A, min_join_res_A(first.table.pixel_A))  # coarse data: coarser
+    refine_settings = RefineSettings(particle_diameter_A=particle_diameter_A, sym=sym, max_iter=max_iter, seed=seed,
+                                     join_res_A=join_res_A)
     symmetry_group(sym)  # an unknown group stops here, before any work
     with OutputFolder(out, "auto", AUTO_FILES, first.files, force, writer=dist.is_main()):
         done = _auto_log(out) if resume else {}
@@ -181,10 +187,11 @@ def auto(star: str | Path, out_dir: str | Path, *, particle_diameter_A: float | 
                 return {"half_map_resolution_A": result.resolution_A, "iterations": len(result.metrics)}
 
             def postprocess_stage(again: bool) -> dict:
-                result = run_postprocess(out / "refine" / "half1.mrc", out / "refine" / "half2.mrc", out / "postprocess")
+                halves = (out / "refine" / "half1.mrc", out / "refine" / "half2.mrc")
+                result = run_postprocess(*halves, out / "postprocess")
                 progress.line(result.summary)
                 return {"resolution_A": result.resolution_A, "bfactor_A2": result.bfactor_A2,
-                        "fsc_source": result.fsc_source}
+                        "fit_shells": result.fit_shells, "fsc_source": result.fsc_source}
 
             for name, run, files in (("abinitio", ab_initio_stage, ABINITIO_FILES),
                                      ("refine", refine_stage, REFINE_FILES),
@@ -227,12 +234,11 @@ def _auto_outputs(out: Path, star: str | Path, done: dict) -> None:
         tmp.write_bytes((out / "refine" / "particles.star").read_bytes())
     save_sections(out / "sections.png", volume, "sharpened map: central sections")
     pp, refine = done["postprocess"], done["refine"]
-    bfactor = f"{pp['bfactor_A2']:.0f}".replace("-", "−")
     total = sum(stage["seconds"] for stage in done.values())
-    iterations = f"{refine['iterations']} refinement iteration{'s' * (refine['iterations'] != 1)}"
     lines = [f"# cryosgd auto: {star}", "",
-             f"**Resolution {pp['resolution_A']:.2f} Å** ({_fsc_source(done)}), B-factor {bfactor} Å², "
-             f"after {iterations} (half maps {refine['half_map_resolution_A']:.2f} Å "
+             f"**Resolution {pp['resolution_A']:.2f} Å** ({_fsc_source(done)}), {_bfactor(done)}, "
+             f"after {plural(refine['iterations'], 'refinement iteration')} (half maps "
+             f"{refine['half_map_resolution_A']:.2f} Å "
              f"unmasked). Sharpened map: `map_sharpened.mrc`; refined poses: `particles.star`.", "",
              f"The hand: {HAND}.", "", "| stage | folder | seconds |", "|---|---|---|"]
     lines += [f"| {name} | `{name}/` | {stage['seconds']:.0f} |" for name, stage in done.items()]
@@ -257,10 +263,11 @@ def fsc(map_a: str | Path, map_b: str | Path, mask: str | Path | None = None) ->
     b, pixel_b = read_map(map_b)
     m, pixel_m = (None, 0.0) if mask is None else read_map(mask, need_voxel_size=False)
     for path, other, pixel in ((map_b, b, pixel_b), (mask, m, pixel_m)):
-        if other is not None and other.shape != a.shape:
+        if other is None:
+            continue
+        if other.shape != a.shape:
             raise InputError(path, f"shape {other.shape} differs from {map_a} {a.shape}")
-        if other is not None:
-            check_voxel_size(path, pixel, pixel_a, f"{map_a}'s")
+        check_voxel_size(path, pixel, pixel_a, f"{map_a}'s")
     if a.shape[0] < 4:
         raise InputError(map_a, f"a box of {a.shape[0]} voxels: too small for an FSC (at least 4)")
     for path, volume in ((map_a, a), (map_b, b), (mask, m)):

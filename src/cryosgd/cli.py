@@ -158,7 +158,7 @@ def _reconstruct_args(commands) -> None:
     p.add_argument("--seed", type=NATURAL, default=0, help="random seed: batch order, probes, half-set split (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from FOLDER/checkpoint.pt")
     _add_common(p)
-    p.set_defaults(run=_reconstruct, resumable=True)
+    p.set_defaults(run=_reconstruct, checkpoints=("checkpoint.pt",))
 
 
 def _refine_args(commands) -> None:
@@ -195,7 +195,7 @@ def _refine_args(commands) -> None:
     p.add_argument("--seed", type=NATURAL, default=0, help="random seed: half-set split, batch order (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from FOLDER/checkpoint.pt")
     _add_common(p)
-    p.set_defaults(run=_refine, resumable=True)
+    p.set_defaults(run=_refine, checkpoints=("checkpoint.pt",))
 
 
 def _abinitio_args(commands) -> None:
@@ -219,7 +219,7 @@ def _abinitio_args(commands) -> None:
     p.add_argument("--seed", type=NATURAL, default=0, help="random seed: start map, minibatches (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from FOLDER/checkpoint.pt")
     _add_common(p)
-    p.set_defaults(run=_abinitio, resumable=True)
+    p.set_defaults(run=_abinitio, checkpoints=("checkpoint.pt",))
 
 
 def _postprocess_args(commands) -> None:
@@ -254,7 +254,7 @@ def _auto_args(commands) -> None:
     p.add_argument("--seed", type=NATURAL, default=0, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue at the stage and step where a run stopped")
     _add_common(p)
-    p.set_defaults(run=_auto, resumable=True)
+    p.set_defaults(run=_auto, checkpoints=("abinitio/checkpoint.pt", "refine/checkpoint.pt"))
 
 
 def _flip_args(commands) -> None:
@@ -355,6 +355,7 @@ def _refine(a) -> None:
     from cryosgd import dist
     from cryosgd.api import refine
     from cryosgd.recon.settings import RefineSettings
+    from cryosgd.report import plural
 
     settings = RefineSettings(ini_res_A=a.ini_res, particle_diameter_A=a.particle_diameter, sym=a.sym,
                               work_box_px=a.box, max_iter=a.max_iter, update=a.update, join_res_A=a.join_res,
@@ -363,8 +364,8 @@ def _refine(a) -> None:
     result = refine(a.star, a.ref, a.output, settings, mask=a.mask, resume=a.resume, force=a.force, device=a.device,
                     pixel_A=a.pixel_size)
     if dist.is_main():
-        n = len(result.metrics)
-        print(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å after {n} iteration{'s' * (n != 1)}")
+        print(f"resolution (half-map FSC = 0.143): {result.resolution_A:.2f} Å after "
+              f"{plural(len(result.metrics), 'iteration')}")
         print(f"maps: {a.output / 'map.mrc'}, half maps beside it; poses: {a.output / 'particles.star'}; "
               f"plots: {a.output / 'fsc.png'}, {a.output / 'refinement.png'}")
 
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     out = getattr(args, "output", None)
-    checkpoint = _last_checkpoint(Path(out)) if out and getattr(args, "resumable", False) else None
+    checkpoint = _last_checkpoint(Path(out), getattr(args, "checkpoints", ())) if out else None
     if checkpoint is None:
         return "interrupted: nothing was left half-written; run the command again to redo it"
     again = [a for a in argv if a not in ("--resume", "--force")]
@@ -476,9 +477,10 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
             f"cryosgd {shlex.join(again)} --resume")
 
 
-def _last_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint of the run in ``out``: its own, or a stage's in a subfolder (auto)."""
-    found = [path for path in (out / "checkpoint.pt", *out.glob("*/checkpoint.pt")) if path.exists()]
+def _last_checkpoint(out: Path, names: tuple[str, ...]) -> Path | None:
+    """The newest of the command's checkpoints ``names`` (relative to ``out``; auto's are its
+    stages'), or None: a command without any, or stopped before the first."""
+    found = [out / name for name in names if (out / name).exists()]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 

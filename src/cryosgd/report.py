@@ -179,6 +179,11 @@ def save_heatmap(path: str | Path, values: np.ndarray, *, xlabel: str, ylabel: s
     return _save(fig, path)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 iteration"``, ``"8 iterations"``."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 class Progress:
     """A progress bar on a terminal (rich), plain lines otherwise; silent on ranks > 0."""
 

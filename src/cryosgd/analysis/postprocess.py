@@ -392,15 +392,20 @@ class PostprocessResult:
 
     @property
     def summary(self) -> str:
-        if self.fit_shells == 0:
-            bfactor = ("no B-factor (no shells between --autob-lowres and the resolution: FSC-weighted and "
-                       "low-passed, not sharpened)")
-        else:
-            few = f" (fitted on {self.fit_shells} shells only: uncertain)" if self.fit_shells < _FEW_SHELLS else ""
-            number = f"{self.bfactor_A2:.0f}".replace("-", "−")
-            bfactor = f"B-factor {number} Å²{few}"
-        return (f"resolution {self.resolution_A:.2f} Å ({self.fsc_source}), {bfactor}, "
-                f"sharpened map: {self.paths['map_sharpened']}")
+        return (f"resolution {self.resolution_A:.2f} Å ({self.fsc_source}), "
+                f"{bfactor_words(self.bfactor_A2, self.fit_shells)}, sharpened map: {self.paths['map_sharpened']}")
+
+
+def bfactor_words(bfactor_A2: float, fit_shells: int | None = None) -> str:
+    """The B-factor as the summaries give it (``"B-factor −89 Å²"``), flagged when the Guinier
+    fit used fewer than ``_FEW_SHELLS`` shells, or why there is none (``fit_shells`` 0);
+    ``fit_shells`` None: not known (an older run's record)."""
+    if fit_shells == 0:
+        return ("no B-factor (fewer than two shells between --autob-lowres and the resolution: FSC-weighted and "
+                "low-passed, not sharpened)")
+    few = fit_shells is not None and fit_shells < _FEW_SHELLS
+    number = f"{bfactor_A2:.0f}".replace("-", "−")
+    return f"B-factor {number} Å²" + (f" (fitted on {fit_shells} shells only: uncertain)" if few else "")
 
 
 def read_inputs(half1_path: str | Path, half2_path: str | Path,
@@ -479,11 +484,11 @@ def write_tables(out_dir: Path, curves: MaskedFSC, sharp: Sharpened) -> dict[str
         f"random phases from shell {curves.randomize_at}, masked": (curves.random, RESOLUTION_FSC)},
         "half-map FSC (RELION's mask correction)")
     fit = sharp.fit
-    line = fit.intercept + fit.slope * sharp.s2_invA2
+    line = fit.intercept + fit.slope * sharp.s2_invA2  # NaN where there is no fit: an empty cell
     rows = ["s2_invA2,ln_amplitude,ln_amplitude_weighted,ln_amplitude_sharpened,fitted_line,used_in_fit"]
-    rows += [f"{s2:.6g},{a:.6f},{b:.6f},{c:.6f},{d:.6f},{int(u)}" for s2, a, b, c, d, u in
-             zip(sharp.s2_invA2[1:], sharp.ln_amplitude[1:], sharp.ln_amplitude_weighted[1:],
-                 sharp.ln_amplitude_sharpened[1:], line[1:], fit.used[1:])]
+    rows += [f"{s2:.6g},{a:.6f},{b:.6f},{c:.6f},{'' if np.isnan(d) else f'{d:.6f}'},{int(u)}"
+             for s2, a, b, c, d, u in zip(sharp.s2_invA2[1:], sharp.ln_amplitude[1:], sharp.ln_amplitude_weighted[1:],
+                                          sharp.ln_amplitude_sharpened[1:], line[1:], fit.used[1:])]
     paths["guinier_csv"] = write_lines(out_dir / "guinier.csv", rows)
     finite = {label: np.where(np.isfinite(y), y, np.nan)[1:] for label, y in (
         ("joint map (unmasked)", sharp.ln_amplitude), ("FSC-weighted", sharp.ln_amplitude_weighted),

@@ -50,7 +50,8 @@ def check_voxel_size(path: str | Path, voxel_A: float, expected_A: float, whose:
     ``expected_A``; ``whose`` names what the map goes with, possessive (``"the particles'"``,
     ``"half1.mrc's"``). A mask's 0 (not set) passes."""
     if voxel_A > 0 and abs(voxel_A - expected_A) > 1e-3 * expected_A:
-        raise InputError(path, f"voxel size {voxel_A:g} Å differs from {whose} {expected_A:g} Å")
+        raise InputError(path, f"voxel size {voxel_A:g} Å differs from {whose} {expected_A:g} Å (if the header is "
+                               "wrong, set it with relion_image_handler --angpix)")
 
 
 def write_map(path: str | Path, data: np.ndarray, voxel_A: float) -> None:

@@ -151,11 +151,16 @@ class RefineInput:
                 "settings": {**settings.identity(), "schedule": _SCHEDULE}}
 
 
+def min_join_res_A(work_pixel_A: float) -> float:
+    """The finest ``join_res_A`` allowed: 1.5 × the Nyquist resolution, so that the half maps stay
+    independent over the top third of the band's shells at least, where their FSC sets the
+    resolution. (Joined everywhere, they agree everywhere, and report Nyquist whatever the data
+    hold.)"""
+    return 1.5 * 2 * work_pixel_A
+
+
 def _check_join_res(settings: RefineSettings, grid: FourierGrid) -> None:
-    """``join_res_A`` no finer than 1.5 × the Nyquist resolution: the half maps stay independent
-    over the top third of the band's shells at least, where their FSC sets the resolution.
-    (Joined everywhere, they agree everywhere, and report Nyquist whatever the data hold.)"""
-    limit_A = 1.5 * 2 * grid.work_pixel_A
+    limit_A = min_join_res_A(grid.work_pixel_A)
     if settings.join_res_A < limit_A:
         raise InputError(None, f"--join-res {settings.join_res_A:g}: finer than {limit_A:g} Å, 1.5 × Nyquist; the "
                                "half maps would be averaged over most of the band, and their FSC could not measure "
@@ -182,9 +187,13 @@ def _mask(path: str | Path | None, settings: RefineSettings, grid: FourierGrid) 
     if path is None:
         return soft_sphere(n, mask_radius_px(settings.particle_diameter_A, grid), edge_px=max(2.0, n / 32))
     volume, voxel_A = read_map(path, need_voxel_size=False)
+    work_box = f" or the working box {n} (--box)" if n != grid.box_px else ""
     if volume.shape[0] not in (grid.box_px, n):
-        raise InputError(path, f"a mask of box {volume.shape[0]}: expected the particles' box {grid.box_px}")
-    check_voxel_size(path, voxel_A, grid.pixel_A if volume.shape[0] == grid.box_px else pixel, "the particles'")
+        raise InputError(path, f"a mask of box {volume.shape[0]}: expected the particles' box {grid.box_px}{work_box}")
+    if volume.shape[0] == grid.box_px:
+        check_voxel_size(path, voxel_A, grid.pixel_A, "the particles'")
+    else:
+        check_voxel_size(path, voxel_A, pixel, f"the working box's (--box {n})")
     if not volume.max() > 0:
         raise InputError(path, "the mask is all zero")
     mask = torch.as_tensor(volume, dtype=torch.float64)
