@@ -195,6 +195,11 @@ def test_a_killed_refinement_resumes_to_the_same_result(dataset, refined, tmp_pa
     _killed_after_two_then_resumed(monkeypatch, "refine", star.parent / "no_poses.star", "--ref", truth,
                                    "-o", tmp_path / "r", "--max-iter", 6, "--batch-size", 400)
     _assert_same_half_maps(tmp_path / "r", refined)
+    iterations = len(_metrics(tmp_path / "r"))  # a finished run resumed with more iterations allowed: not reopened
+    code, text = run_cli("refine", star.parent / "no_poses.star", "--ref", truth, "-o", tmp_path / "r", "--max-iter",
+                         12, "--batch-size", 400, "--resume")
+    assert code == 0 and f"had finished after {iterations} iterations" in text, text
+    assert len(_metrics(tmp_path / "r")) == iterations
 
 
 def test_an_iteration_stalls_only_when_neither_the_fsc_nor_the_poses_move():
