@@ -76,7 +76,6 @@ from cryosgd.recon.known_pose import (HalfState, data_terms, initial_state, join
                                      with_prior)
 from cryosgd.recon.reconstruct import Silent
 from cryosgd.recon.settings import ReconstructionSettings, RefineSettings, mask_radius_px
-from cryosgd.report import plural
 
 OUTPUTS = ("half1.mrc", "half2.mrc", "map.mrc", "fsc.csv", "fsc_iterations.csv", "metrics.jsonl", "particles.star",
            "checkpoint.pt")
@@ -228,8 +227,8 @@ def refine(inputs: RefineInput, out_dir: str | Path, settings: RefineSettings = 
     if state is None:
         state = _start(halves, inputs, settings)
     elif state.done:
-        progress.line(f"the run in {out_dir} had finished after {plural(state.iteration, 'iteration')}: its outputs "
-                      "are written again (a finished run is not reopened, whatever --max-iter)")
+        progress.line(f"the run in {out_dir} had finished at iteration {state.iteration}: its outputs are written "
+                      "again (a finished run is not reopened, whatever --max-iter)")
     while not state.done:
         start = time.perf_counter()
         state, row = _iterate(halves, inputs, settings, state)
