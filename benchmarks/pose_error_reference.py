@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from cryosgd.fourier.grids import FourierGrid
-from cryosgd.fourier.maps import soft_sphere, support_radius_px
+from cryosgd.fourier.maps import support_radius_px
 from cryosgd.io.mrc import read_map
 from cryosgd.pose.search import BandImages, Candidates, local_search
 from cryosgd.pose.so3 import geodesic_distance_deg
-from cryosgd.recon.settings import mask_radius_px
+from cryosgd.recon.refine import sphere_mask
 from cryosgd.sim.project import oversampled_ft
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,7 +94,7 @@ def reference_errors(root: Path, star: str = "particles.star", known: str = "kno
     truth, half1, half2 = (read_map(path)[0] for path in paths)
     (parts1, grid), (parts2, _) = (batches(root / star, particles // 2, half=h) for h in (1, 2))
     halves = {1: parts1, 2: parts2}
-    mask = soft_sphere(grid.box_px, mask_radius_px(diameter_A, grid), edge_px=max(2.0, grid.box_px / 32))
+    mask = sphere_mask(diameter_A, grid)
     radius_A = support_radius_px(mask) * grid.pixel_A
     sigma2, _ = residual_spectrum(Truth(truth), halves[1] + halves[2], grid, grid.box_px / 2 - 1)
     truth_ft, known_ft = reference_ft(truth, mask), {1: reference_ft(half1, mask), 2: reference_ft(half2, mask)}

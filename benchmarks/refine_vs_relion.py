@@ -98,6 +98,11 @@ def measure(name: str, seconds: float, peak: float, halves, data_star: Path | No
             f"{high_shell_mean(joint.fsc, n):>14.3f}{joint.resolution_at(0.5):>12.2f}{error:>12}  {note}")
 
 
+def error_row(name: str, errors_deg: np.ndarray, note: str) -> str:
+    """A table row with only the median rotation error: a bound or search, not a program run."""
+    return f"{name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors_deg):>12.2f}  {note}"
+
+
 def main() -> None:
     parser = dataset_parser(__doc__)
     parser.add_argument("--runs", nargs="+", default=["known", "em", "sgd", "relion"])
@@ -137,12 +142,10 @@ def main() -> None:
             rows.append(measure("cryosgd refine (oracle)", seconds, peak, halves,
                                 root / "refine_oracle" / "particles.star", truth, star, args.pixel))
         elif run == "bound":  # no program: the Cramér–Rao bound on the rotations (pose_error_bound.py)
-            errors = bound_deg(root, star.name, particles=2000)
-            rows.append(f"{'Cramér–Rao bound':<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors):>12.2f}"
-                        "  2,000 particles, the truth as reference")
+            rows.append(error_row("Cramér–Rao bound", bound_deg(root, star.name, particles=2000),
+                                  "2,000 particles, the truth as reference"))
         elif run == "reference":  # no program: searches from the true poses (pose_error_reference.py)
-            rows.extend(f"{'from true, ' + name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors):>12.2f}"
-                        f"  2,000 particles, a local search against the {name}"
+            rows.extend(error_row(f"from true, {name}", errors, f"2,000 particles, a local search against the {name}")
                         for name, errors in reference_errors(root, star.name, diameter_A=diameter).items())
         elif run == "relion":
             seconds, peak, finished = run_measured(relion_command(root, diameter), root,

@@ -181,11 +181,18 @@ def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
     return low_pass(volume, pixel, max(ini_res_A, 2 * pixel))
 
 
+def sphere_mask(diameter_A: float | None, grid: FourierGrid) -> Tensor:
+    """The default mask at the working box: a soft sphere of the particle diameter (default 0.8 ×
+    the box), its raised-cosine edge n/32 pixels wide (at least 2)."""
+    n = grid.work_box_px
+    return soft_sphere(n, mask_radius_px(diameter_A, grid), edge_px=max(2.0, n / 32))
+
+
 def _mask(path: str | Path | None, settings: RefineSettings, grid: FourierGrid) -> Tensor:
-    """The user's mask at the working box, or a soft sphere of the particle diameter."""
+    """The user's mask at the working box, or :func:`sphere_mask`."""
     n, pixel = grid.work_box_px, grid.work_pixel_A
     if path is None:
-        return soft_sphere(n, mask_radius_px(settings.particle_diameter_A, grid), edge_px=max(2.0, n / 32))
+        return sphere_mask(settings.particle_diameter_A, grid)
     volume, voxel_A = read_map(path, need_voxel_size=False)
     work_box = f" or the working box {n} (--box)" if n != grid.box_px else ""
     if volume.shape[0] not in (grid.box_px, n):
