@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from cryosgd import api
 from cryosgd.conventions import euler_to_matrix
 from cryosgd.data.particles import read_particles, write_particles
+from cryosgd.errors import InputError
 from cryosgd.fourier.fsc import fsc
 from cryosgd.io.mrc import read_map, write_map
 from cryosgd.pose.so3 import geodesic_distance_deg
+from cryosgd.recon.refine import RefineInput
+from cryosgd.recon.settings import RefineSettings
 from cryosgd.sim.phantom import blob_phantom
 
 from conftest import blob_dataset, correlation, run_cli
@@ -315,6 +319,16 @@ def test_bad_refinement_input_is_a_one_line_error(dataset, tmp_path, problem, ex
     code, out = run_cli(*args)
     assert code == 2 and out.startswith("error: ") and out.strip().count("\n") == 0 and expected in out, out
     assert not (tmp_path / "out").exists()
+
+
+def test_a_global_grid_with_no_rotation_in_the_asymmetric_unit_is_refused(dataset, tmp_path):
+    """HEALPix order 1 (30°) has no direction in an icosahedral asymmetric unit; order 2 has."""
+    star, truth = dataset
+    with pytest.raises(InputError, match="global_order 1 with --sym I: no rotation of its grid lies in the "
+                                         "asymmetric unit; use 2 or more"):
+        api.refine(star, truth, tmp_path / "out", RefineSettings(sym="I", global_order=1), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    RefineInput.read(star, truth, RefineSettings(sym="I", global_order=2))
 
 
 @pytest.mark.parametrize("box,voxel_A,refused", [

@@ -51,9 +51,9 @@ PLOTS = ("fsc.png", "progress.png")
 def _device(name: str | None):
     """``--device`` resolved, the process group joined when torchrun started us, and the GPU of
     this process's local rank."""
-    device = resolve_device(name)
+    device = dist.local_device(resolve_device(name))
     dist.init(device)
-    return dist.local_device(device)
+    return device
 
 
 def reconstruct(star: str | Path, out_dir: str | Path, settings: ReconstructionSettings = ReconstructionSettings(),
@@ -281,7 +281,7 @@ def fsc(map_a: str | Path, map_b: str | Path, mask: str | Path | None = None) ->
 def hessian(star: str | Path, out_dir: str | Path, settings: HessianSettings = HessianSettings(), *,
             force: bool = False, pixel_A: float | None = None, device: str | None = None) -> HessianReport:
     """``cryosgd hessian``: the Hessian diagonal, its radial profile and κ(R) (docs/reproduction.md)."""
-    torch_device = resolve_device(device)
+    torch_device = dist.local_device(resolve_device(device))
     outputs = ("hessian_diagonal.mrc", "radial_profile.csv", "radial_profile.png", "kappa.csv", "kappa.png")
     with OutputFolder(out_dir, "hessian", outputs, [star], force):
         return analyse(star, out_dir, settings, pixel_A=pixel_A, device=torch_device)

@@ -93,11 +93,13 @@ class _Tiered:
     def __call__(self, *args, **kwargs):
         setting = _setting()
         cuda = _on_cuda(args) or _on_cuda(kwargs.values())
-        if setting != "0" and not self.failed and (cuda or (self.on_cpu and cpu_compiler_available())):
-            if self.compiled is None and (setting == "1" or self.eager_s > _compile_after_s()):
-                self.compiled = self._compile()
-            if self.compiled is not None:
-                return self._call_compiled(args, kwargs)
+        may_compile = setting != "0" and not self.failed and (cuda or (self.on_cpu and cpu_compiler_available()))
+        if not may_compile:
+            return self.eager_fn(*args, **kwargs)
+        if self.compiled is None and (setting == "1" or self.eager_s > _compile_after_s()):
+            self.compiled = self._compile()
+        if self.compiled is not None:
+            return self._call_compiled(args, kwargs)
         start = time.perf_counter()
         result = self.eager_fn(*args, **kwargs)
         if cuda:

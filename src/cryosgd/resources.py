@@ -88,8 +88,13 @@ def configure_threads(threads: int | None) -> int:
     return count
 
 
-def available_memory_bytes() -> int:
-    """Memory this process could still allocate: MemAvailable, capped by a cgroup limit."""
+def available_memory_bytes(device=None) -> int:
+    """Memory this process could still allocate: on a CUDA ``device`` that GPU's free memory;
+    otherwise MemAvailable, capped by a cgroup limit."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -67,8 +67,8 @@ def radial_profile(full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     inside = shells < n // 2
     shells, values = shells[inside], values[inside]
     mean = torch.bincount(shells, values, n // 2) / torch.bincount(shells, minlength=n // 2)
-    low = torch.full((n // 2,), np.inf, dtype=torch.float64).scatter_reduce(0, shells, values, "amin")
-    high = torch.full((n // 2,), -np.inf, dtype=torch.float64).scatter_reduce(0, shells, values, "amax")
+    low = values.new_full((n // 2,), np.inf).scatter_reduce(0, shells, values, "amin")
+    high = values.new_full((n // 2,), -np.inf).scatter_reduce(0, shells, values, "amax")
     return mean, low, high
 
 
@@ -78,7 +78,7 @@ def kappa_of_diagonal(full: Tensor, radii: Tensor) -> Tensor:
     values = full.flatten().double()
     order = torch.argsort(radius)
     radius, values = radius[order], values[order]
-    last = torch.searchsorted(radius, radii.double() - 0.5 - 1e-9) - 1
+    last = torch.searchsorted(radius, radii.to(radius) - 0.5 - 1e-9) - 1
     return torch.cummax(values, 0).values[last] / torch.cummin(values, 0).values[last]
 
 

@@ -6,7 +6,8 @@ these values are kept, as complex64 or, with ``dtype=torch.bfloat16``, as bfloat
 (half the memory; 3 significant digits, far below the noise of a particle image, and no
 overflow: the unnormalised FFT of a noisy image exceeds float16's range). The first pass over
 the data fills the store; later passes only gather. When the values would not fit
-(``mode="auto"`` keeps them in memory when they take less than half of the available memory),
+(``mode="auto"`` keeps them in memory when they take less than half of the available memory:
+the GPU's free memory when the store is on CUDA, where the values are allocated at once),
 ``mode="disk"`` reads and transforms every batch again, the next batch in a background thread
 while the current one is being used.
 """
@@ -48,7 +49,7 @@ class ParticleStore:
         self.stack, self.grid, self.device, self.compute_dtype = stack, grid, device, compute_dtype
         n, points = len(stack), len(grid.freq_px)
         self.nbytes = n * points * (8 if dtype == torch.complex64 else 4)
-        self.resident = mode == "memory" or (mode == "auto" and self.nbytes < available_memory_bytes() / 2)
+        self.resident = mode == "memory" or (mode == "auto" and self.nbytes < available_memory_bytes(device) / 2)
         self._values = None
         if self.resident:
             shape = (n, points) if dtype == torch.complex64 else (n, points, 2)

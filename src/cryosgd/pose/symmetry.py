@@ -138,6 +138,9 @@ def asymmetric_unit(poses: Tensor, group: Tensor) -> Tensor:
 
 def symmetry_grid(order: int, group: Tensor) -> RotationGrid:
     """RELION's grid (:func:`cryosgd.pose.so3.uniform_rotations`) restricted to the
-    asymmetric unit of ``group``: about ``72·8^order / G`` rotations, ψ over its full range."""
-    grid = uniform_rotations(order, group.device, group.dtype)
-    return grid.select(asymmetric_unit(grid.matrices, group))
+    asymmetric unit of ``group``: about ``72·8^order / G`` rotations, ψ over its full range, in
+    ``group``'s dtype. The cells are chosen in float64 whatever that dtype, so that directions on
+    their boundaries are kept alike on every device."""
+    grid = uniform_rotations(order, group.device, torch.float64)
+    chosen = grid.select(asymmetric_unit(grid.matrices, group.double()))
+    return RotationGrid(chosen.matrices.to(group.dtype), chosen.angles_deg.to(group.dtype), chosen.step_deg)

@@ -140,6 +140,7 @@ class RefineInput:
         grid = FourierGrid.create(stack.box_px, table.pixel_A, settings.work_box_px, source=stack.paths[0])
         _check_join_res(settings, grid)
         group = symmetry_group(settings.sym)
+        _check_global_grid(settings, group)
         halves = tuple(split_halves(table, settings.seed))
         files = (Path(star), *stack.paths, Path(reference), *(() if mask is None else (Path(mask),)))
         return cls(Path(star), table, stack, grid, halves, _reference(reference, grid, settings.ini_res_A),
@@ -165,6 +166,15 @@ def _check_join_res(settings: RefineSettings, grid: FourierGrid) -> None:
         raise InputError(None, f"--join-res {settings.join_res_A:g}: finer than {limit_A:g} Å, 1.5 × Nyquist; the "
                                "half maps would be averaged over most of the band, and their FSC could not measure "
                                "the resolution (RELION's default: 40 Å)")
+
+
+def _check_global_grid(settings: RefineSettings, group: Tensor) -> None:
+    """A global search needs rotations in the asymmetric unit; a coarse grid of a large group has none."""
+    if settings.local or len(symmetry_grid(settings.global_order, group)):
+        return
+    usable = next(o for o in range(settings.global_order + 1, 5) if len(symmetry_grid(o, group)))
+    raise InputError(None, f"global_order {settings.global_order} with --sym {settings.sym}: no rotation of its "
+                           f"grid lies in the asymmetric unit; use {usable} or more")
 
 
 def _reference(path: str | Path, grid: FourierGrid, ini_res_A: float) -> Tensor:
