@@ -12,6 +12,7 @@ whole box / noise variance).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import time
@@ -29,17 +30,19 @@ from cryosgd.sim.simulate import SimulationSettings, blur, model_to_map, random_
 
 def run_measured(args: list[str], cwd: Path, timeout_s: float | None = None,
                  env: dict | None = None) -> tuple[float, float, bool]:
-    """Run a command in its own process group; (wall seconds, peak resident memory of the
-    group, all its processes together, in GB, sampled every 0.2 s; whether it finished before
+    """Run a command in a session of its own; (wall seconds, peak resident memory of the
+    session, all its processes together, in GB, sampled every 0.2 s; whether it finished before
     ``timeout_s``). A command that fails stops the benchmark."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env=None if env is None else {**os.environ, **env})
     peak, finished = 0, True
     while proc.poll() is None:
-        peak = max(peak, _group_rss_bytes(proc.pid))
+        peak = max(peak, sum(_session(proc.pid).values()))
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
-            os.killpg(proc.pid, 9)
+            for pid in _session(proc.pid):  # every rank, not only mpirun's process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
             proc.wait()
             finished = False
             break
@@ -62,20 +65,21 @@ def high_shell_mean(fsc_values: np.ndarray, box: int) -> float:
     return float(np.nanmean(fsc_values[box // 4:box // 2 + 1]))
 
 
-def _group_rss_bytes(group: int) -> int:
-    """Resident memory of every process in process group ``group`` (Linux /proc)."""
-    total = 0
+def _session(session: int) -> dict[int, int]:
+    """Every process of session ``session`` (Linux /proc): pid → resident bytes. A session, not a
+    process group: mpirun puts each rank in a process group of its own."""
+    processes = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) == group:  # pgrp
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss pages
+            if int(fields[3]) == session:
+                processes[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss pages
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return processes
 
 
 def atomic_model(kind: str, folder: Path) -> Path:

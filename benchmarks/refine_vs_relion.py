@@ -1,7 +1,8 @@
 """Refinement with unknown poses: cryosgd refine (em and sgd updates) against RELION 3.1 auto-refine.
 
     python benchmarks/refine_vs_relion.py [--particles 10000] [--box 64] [--pixel 3.0] [--snr 0.05]
-                                          [--model ubq12] [--runs known em sgd relion oracle bound reference]
+                                          [--model ubq12] [--runs known em sgd relion oracle bound reference
+                                                                  relion-local subset-em subset-local]
                                           [--relion-particles 3000] [--relion-minutes 30] [--workdir DIR]
 
 The dataset (benchmarks/datasets.py) is made by relion_project from an atomic model; the poses
@@ -16,7 +17,12 @@ full resolution, and with ``--runs bound`` the Cramér–Rao bound on the rotati
 (``pose_error_bound.py``): the pose error the data allow an ideal search, and with ``--runs
 reference`` (after ``known``) the errors of local searches from the true poses against the
 truth and against the known-pose half maps (``pose_error_reference.py``): the best a
-gold-standard refinement can reach on these data. The table
+gold-standard refinement can reach on these data. ``--runs relion-local`` starts RELION's
+auto-refine at the true poses of the same ``--relion-particles`` (``relion_subset_true.star``),
+with local searches from its first iteration (3.75° sampled, RELION's default prior of twice the
+step), and lets it converge: what the reference program reaches on these data when the global
+search cannot fail; ``subset-em`` is ``cryosgd refine`` from unknown poses and ``subset-local``
+``cryosgd refine --local`` from the true poses, both on those particles with ``ref.mrc``. The table
 gives wall time, peak memory (all processes), the half-map resolution (FSC 0.143), the FSC of
 the joint map against the truth (mean over shells n/4 … n/2, and the 0.5 resolution), and the
 median rotation error against the true poses (after the best global rotation, which removes a
@@ -50,36 +56,52 @@ from pose_error_reference import reference_errors  # noqa: E402
 
 def prepare(root: Path, star: Path, pixel_A: float, relion_particles: int) -> None:
     """particles_noposes.star, ref.mrc and, unless ``relion_particles`` is 0, the first
-    ``relion_particles`` of them (relion_subset.star)."""
+    ``relion_particles`` of them without poses (relion_subset.star) and with the true poses
+    (relion_subset_true.star)."""
     table = read_particles(star)
     blank = replace(table, angles_deg=None, shift_A=np.zeros_like(table.shift_A))
     write_particles(root / "particles_noposes.star", blank)
     if relion_particles:
-        write_particles(root / "relion_subset.star", blank.subset(np.arange(min(relion_particles, len(table)))))
+        first = np.arange(min(relion_particles, len(table)))
+        write_particles(root / "relion_subset.star", blank.subset(first))
+        write_particles(root / "relion_subset_true.star", table.subset(first))
     truth, _ = read_map(root / "truth.mrc")
     write_map(root / "ref.mrc", low_pass(torch.as_tensor(truth, dtype=torch.float64), pixel_A, 30.0).numpy(), pixel_A)
 
 
-def relion_command(root: Path, diameter_A: float) -> list[str]:
-    out = root / "relion"
-    out.mkdir(exist_ok=True)
-    return ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "3", "relion_refine_mpi", "--o", "relion/run",
-            "--i", "relion_subset.star", "--ref", "ref.mrc", "--ini_high", "30", "--auto_refine",
+def relion_command(root: Path, diameter_A: float, from_true_poses: bool = False) -> list[str]:
+    """Auto-refine of the subset in ``relion/`` (global searches from 7.5°, the start from
+    ``--firstiter_cc``) or, ``from_true_poses``, in ``relion_local/`` (local searches from
+    3.75° around the true poses)."""
+    out = "relion_local" if from_true_poses else "relion"
+    (root / out).mkdir(exist_ok=True)
+    search = (["--i", "relion_subset_true.star", "--healpix_order", "4", "--offset_range", "3", "--offset_step", "1"]
+              if from_true_poses else
+              ["--i", "relion_subset.star", "--firstiter_cc", "--healpix_order", "2", "--offset_range", "5",
+               "--offset_step", "2"])
+    return ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "3", "relion_refine_mpi", "--o", f"{out}/run",
+            *search, "--ref", "ref.mrc", "--ini_high", "30", "--auto_refine",
             "--split_random_halves", "--particle_diameter", f"{diameter_A:.0f}", "--ctf", "--ctf_corrected_ref",
-            "--firstiter_cc", "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
-            "--auto_local_healpix_order", "4", "--offset_range", "5", "--offset_step", "2", "--sym", "C1",
+            "--flatten_solvent", "--zero_mask", "--oversampling", "1",
+            "--auto_local_healpix_order", "4", "--sym", "C1",
             "--low_resol_join_halves", "40", "--norm", "--scale", "--j", "1", "--pad", "2", "--pool", "3",
             "--dont_combine_weights_via_disc"]
 
 
-def relion_outputs(root: Path) -> tuple[np.ndarray, np.ndarray, Path, int] | None:
-    """The half maps and data STAR of RELION's last finished iteration."""
-    done = sorted((root / "relion").glob("run_it*_half2_class001.mrc"))
-    if not done:
-        return None
-    it = re.search(r"run_it(\d+)_", done[-1].name).group(1)
-    halves = [read_map(root / "relion" / f"run_it{it}_half{h}_class001.mrc")[0] for h in (1, 2)]
-    return halves[0], halves[1], root / "relion" / f"run_it{it}_data.star", int(it)
+def relion_outputs(folder: Path) -> tuple[np.ndarray, np.ndarray, Path, str] | None:
+    """The half maps, data STAR and name of RELION's last iteration in ``folder``: the final one
+    (``run_half*_class001_unfil.mrc``, ``run_data.star``) once auto-refine has converged, else
+    the last one finished."""
+    if (folder / "run_data.star").exists():
+        names, star, iteration = [f"run_half{h}_class001_unfil.mrc" for h in (1, 2)], "run_data.star", "final"
+    else:
+        done = sorted(folder.glob("run_it*_half2_class001.mrc"))
+        if not done:
+            return None
+        it = re.search(r"run_it(\d+)_", done[-1].name).group(1)
+        names, star, iteration = [f"run_it{it}_half{h}_class001.mrc" for h in (1, 2)], f"run_it{it}_data.star", it
+    halves = [read_map(folder / name)[0] for name in names]
+    return halves[0], halves[1], folder / star, iteration
 
 
 def measure(name: str, seconds: float, peak: float, halves, data_star: Path | None, truth: np.ndarray,
@@ -101,6 +123,21 @@ def measure(name: str, seconds: float, peak: float, halves, data_star: Path | No
 def error_row(name: str, errors_deg: np.ndarray, note: str) -> str:
     """A table row with only the median rotation error: a bound or search, not a program run."""
     return f"{name:<26}{'':>9}{'':>9}{'':>12}{'':>14}{'':>12}{np.median(errors_deg):>12.2f}  {note}"
+
+
+def refine_run(run: str, star_name: str, pixel_A: float) -> tuple[str, list[str], str, str]:
+    """The input STAR, options, output folder and row name of a ``cryosgd refine`` run."""
+    return {
+        "em": ("particles_noposes.star", ["--ref", "ref.mrc", "--update", "em"], "refine_em",
+               "cryosgd refine --update em"),
+        "sgd": ("particles_noposes.star", ["--ref", "ref.mrc", "--update", "sgd"], "refine_sgd",
+                "cryosgd refine --update sgd"),
+        "oracle": (star_name, ["--ref", "truth.mrc", "--local", "--ini-res", f"{2 * pixel_A:g}"], "refine_oracle",
+                   "cryosgd refine (oracle)"),
+        "subset-em": ("relion_subset.star", ["--ref", "ref.mrc"], "refine_subset", "cryosgd refine (subset)"),
+        "subset-local": ("relion_subset_true.star", ["--ref", "ref.mrc", "--local"], "refine_subset_local",
+                         "cryosgd refine --local (true)"),
+    }[run]
 
 
 def main() -> None:
@@ -127,39 +164,34 @@ def main() -> None:
                                              "--force"], root)
             halves = [read_map(root / "known" / f"half{h}.mrc")[0] for h in (1, 2)]
             rows.append(measure("cryosgd reconstruct (true)", seconds, peak, halves, None, truth, star, args.pixel))
-        elif run in ("em", "sgd"):
-            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "refine", "particles_noposes.star",
-                                             "--ref", "ref.mrc", "-o", f"refine_{run}", "--update", run, "--force",
-                                             "--particle-diameter", f"{diameter:.0f}"], root)
-            halves = [read_map(root / f"refine_{run}" / f"half{h}.mrc")[0] for h in (1, 2)]
-            rows.append(measure(f"cryosgd refine --update {run}", seconds, peak, halves,
-                                root / f"refine_{run}" / "particles.star", truth, star, args.pixel))
-        elif run == "oracle":
-            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "refine", star.name, "--ref", "truth.mrc",
-                                             "--local", "--ini-res", f"{2 * args.pixel:g}", "-o", "refine_oracle",
+        elif run in ("em", "sgd", "oracle", "subset-em", "subset-local"):
+            star_name, options, out, name = refine_run(run, star.name, args.pixel)
+            seconds, peak, _ = run_measured([sys.executable, "-m", "cryosgd", "refine", star_name, *options, "-o", out,
                                              "--force", "--particle-diameter", f"{diameter:.0f}"], root)
-            halves = [read_map(root / "refine_oracle" / f"half{h}.mrc")[0] for h in (1, 2)]
-            rows.append(measure("cryosgd refine (oracle)", seconds, peak, halves,
-                                root / "refine_oracle" / "particles.star", truth, star, args.pixel))
+            halves = [read_map(root / out / f"half{h}.mrc")[0] for h in (1, 2)]
+            note = f"the first {args.relion_particles} particles" if run.startswith("subset") else ""
+            rows.append(measure(name, seconds, peak, halves, root / out / "particles.star", truth, star, args.pixel,
+                                note))
         elif run == "bound":  # no program: the Cramér–Rao bound on the rotations (pose_error_bound.py)
             rows.append(error_row("Cramér–Rao bound", bound_deg(root, star.name, particles=2000),
                                   "2,000 particles, the truth as reference"))
         elif run == "reference":  # no program: searches from the true poses (pose_error_reference.py)
             rows.extend(error_row(f"from true, {name}", errors, f"2,000 particles, a local search against the {name}")
                         for name, errors in reference_errors(root, star.name, diameter_A=diameter).items())
-        elif run == "relion":
-            seconds, peak, finished = run_measured(relion_command(root, diameter), root,
+        elif run in ("relion", "relion-local"):
+            local = run == "relion-local"
+            seconds, peak, finished = run_measured(relion_command(root, diameter, from_true_poses=local), root,
                                                    timeout_s=60 * args.relion_minutes)
-            result = relion_outputs(root)
+            result = relion_outputs(root / ("relion_local" if local else "relion"))
+            name = "relion_refine_mpi (true)" if local else "relion_refine_mpi"
             if result is None:
-                rows.append(f"relion_refine_mpi: no iteration finished in {seconds:.0f} s")
+                rows.append(f"{name}: no iteration finished in {seconds:.0f} s")
             else:
                 half1, half2, data_star, iteration = result
                 note = (f"{args.relion_particles} particles; " +
                         ("converged" if finished else f"stopped at the {args.relion_minutes:.0f}-minute cap") +
-                        f" after iteration {iteration}")
-                rows.append(measure("relion_refine_mpi", seconds, peak, (half1, half2), data_star, truth, star,
-                                    args.pixel, note))
+                        f"; iteration {iteration}")
+                rows.append(measure(name, seconds, peak, (half1, half2), data_star, truth, star, args.pixel, note))
         print("\n".join(rows[before:]), flush=True)
     print("\n" + "\n".join(rows))
 
