@@ -38,9 +38,9 @@ def run_measured(args: list[str], cwd: Path, timeout_s: float | None = None,
                             env=None if env is None else {**os.environ, **env})
     peak, finished = 0, True
     while proc.poll() is None:
-        peak = max(peak, sum(_session(proc.pid).values()))
+        peak = max(peak, sum(_session_rss_bytes(proc.pid).values()))
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
-            for pid in _session(proc.pid):  # every rank, not only mpirun's process group
+            for pid in _session_rss_bytes(proc.pid):  # every rank, not only mpirun's process group
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
             proc.wait()
@@ -65,7 +65,7 @@ def high_shell_mean(fsc_values: np.ndarray, box: int) -> float:
     return float(np.nanmean(fsc_values[box // 4:box // 2 + 1]))
 
 
-def _session(session: int) -> dict[int, int]:
+def _session_rss_bytes(session: int) -> dict[int, int]:
     """Every process of session ``session`` (Linux /proc): pid → resident bytes. A session, not a
     process group: mpirun puts each rank in a process group of its own."""
     processes = {}

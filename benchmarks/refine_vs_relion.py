@@ -32,6 +32,7 @@ drift of the frame as a whole).
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -69,12 +70,10 @@ def prepare(root: Path, star: Path, pixel_A: float, relion_particles: int) -> No
     write_map(root / "ref.mrc", low_pass(torch.as_tensor(truth, dtype=torch.float64), pixel_A, 30.0).numpy(), pixel_A)
 
 
-def relion_command(root: Path, diameter_A: float, from_true_poses: bool = False) -> list[str]:
-    """Auto-refine of the subset in ``relion/`` (global searches from 7.5°, the start from
-    ``--firstiter_cc``) or, ``from_true_poses``, in ``relion_local/`` (local searches from
-    3.75° around the true poses)."""
-    out = "relion_local" if from_true_poses else "relion"
-    (root / out).mkdir(exist_ok=True)
+def relion_command(out: str, diameter_A: float, from_true_poses: bool = False) -> list[str]:
+    """Auto-refine of the subset into folder ``out`` (global searches from 7.5°, the start from
+    ``--firstiter_cc``) or, ``from_true_poses``, local searches from 3.75° around the true poses
+    (RELION's prior: σ twice the sampled step, 3.75°)."""
     search = (["--i", "relion_subset_true.star", "--healpix_order", "4", "--offset_range", "3", "--offset_step", "1"]
               if from_true_poses else
               ["--i", "relion_subset.star", "--firstiter_cc", "--healpix_order", "2", "--offset_range", "5",
@@ -88,11 +87,11 @@ def relion_command(root: Path, diameter_A: float, from_true_poses: bool = False)
             "--dont_combine_weights_via_disc"]
 
 
-def relion_outputs(folder: Path) -> tuple[np.ndarray, np.ndarray, Path, str] | None:
+def relion_outputs(folder: Path, converged: bool) -> tuple[np.ndarray, np.ndarray, Path, str] | None:
     """The half maps, data STAR and name of RELION's last iteration in ``folder``: the final one
-    (``run_half*_class001_unfil.mrc``, ``run_data.star``) once auto-refine has converged, else
+    (``run_half*_class001_unfil.mrc``, ``run_data.star``) when auto-refine ``converged``, else
     the last one finished."""
-    if (folder / "run_data.star").exists():
+    if converged:
         names, star, iteration = [f"run_half{h}_class001_unfil.mrc" for h in (1, 2)], "run_data.star", "final"
     else:
         done = sorted(folder.glob("run_it*_half2_class001.mrc"))
@@ -136,7 +135,7 @@ def refine_run(run: str, star_name: str, pixel_A: float) -> tuple[str, list[str]
                    "cryosgd refine (oracle)"),
         "subset-em": ("relion_subset.star", ["--ref", "ref.mrc"], "refine_subset", "cryosgd refine (subset)"),
         "subset-local": ("relion_subset_true.star", ["--ref", "ref.mrc", "--local"], "refine_subset_local",
-                         "cryosgd refine --local (true)"),
+                         "cryosgd --local (true)"),
     }[run]
 
 
@@ -180,9 +179,12 @@ def main() -> None:
                         for name, errors in reference_errors(root, star.name, diameter_A=diameter).items())
         elif run in ("relion", "relion-local"):
             local = run == "relion-local"
-            seconds, peak, finished = run_measured(relion_command(root, diameter, from_true_poses=local), root,
+            out = "relion_local" if local else "relion"
+            shutil.rmtree(root / out, ignore_errors=True)  # no earlier run's iterations
+            (root / out).mkdir()
+            seconds, peak, finished = run_measured(relion_command(out, diameter, from_true_poses=local), root,
                                                    timeout_s=60 * args.relion_minutes)
-            result = relion_outputs(root / ("relion_local" if local else "relion"))
+            result = relion_outputs(root / out, converged=finished)
             name = "relion_refine_mpi (true)" if local else "relion_refine_mpi"
             if result is None:
                 rows.append(f"{name}: no iteration finished in {seconds:.0f} s")

@@ -1,9 +1,7 @@
 """The commands on a CUDA device give what they give on the CPU (skipped without a GPU).
 
-No GPU has been lent to the sessions that wrote this code: these tests are the first check
-to run when one is (benchmarks/gpu_check.sh runs them with the GPU benchmarks). Each compares
-a CUDA run with the same run on the CPU, an independent path through the same formulas
-(PyTorch's CUDA kernels against the CPU's native ones).
+Each test compares a CUDA run with the same run on the CPU: PyTorch's CUDA kernels against
+the CPU's native ones, through the same formulas.
 """
 
 import numpy as np
@@ -12,11 +10,13 @@ import torch
 
 from cryosgd import api
 from cryosgd.analysis.conditioning import HessianSettings
+from cryosgd.conventions import euler_to_matrix
 from cryosgd.data.particles import read_particles, write_particles
 from cryosgd.data.stack import ImageStack
 from cryosgd.data.store import ParticleStore
 from cryosgd.fourier.grids import FourierGrid
 from cryosgd.io.mrc import read_map
+from cryosgd.pose.so3 import geodesic_distance_deg
 from cryosgd.pose.symmetry import symmetry_grid, symmetry_group
 from cryosgd.recon.settings import RefineSettings
 from cryosgd.resources import available_memory_bytes
@@ -56,18 +56,21 @@ def test_refine_on_cuda_finds_the_cpu_poses(dataset, tmp_path):
         found[device] = (read_particles(tmp_path / device / "particles.star"),
                          read_map(tmp_path / device / "map.mrc")[0])
     (cpu, cpu_map), (gpu, gpu_map) = found["cpu"], found["cuda"]
-    same = np.abs(((cpu.angles_deg - gpu.angles_deg) + 180) % 360 - 180).max(axis=1) < 1.0
-    assert same.mean() > 0.95, same.mean()
+    apart_deg = geodesic_distance_deg(euler_to_matrix(torch.tensor(cpu.angles_deg)),
+                                      euler_to_matrix(torch.tensor(gpu.angles_deg)))
+    assert (apart_deg < 1.0).double().mean() > 0.95, apart_deg.median()
     assert correlation(cpu_map, gpu_map) > 0.99
 
 
 def test_hessian_on_cuda_equals_the_cpu(dataset, tmp_path):
     star, _ = dataset
-    settings = HessianSettings(lanczos_iterations=0)
+    settings = HessianSettings(lanczos_iterations=3, lanczos_radii=2)
     reports = {device: api.hessian(star, tmp_path / device, settings, device=device) for device in ("cpu", "cuda")}
     np.testing.assert_allclose(reports["cuda"].kappa_diagonal, reports["cpu"].kappa_diagonal, rtol=1e-6)
     profiles = [np.loadtxt(tmp_path / d / "radial_profile.csv", delimiter=",", skiprows=1) for d in ("cpu", "cuda")]
     np.testing.assert_allclose(profiles[1], profiles[0], rtol=1e-6)
+    for radius, kappas in reports["cpu"].lanczos.items():
+        np.testing.assert_allclose(reports["cuda"].lanczos[radius], kappas, rtol=1e-3)
 
 
 @pytest.mark.parametrize("sym", ["C1", "C4", "D2", "T", "O", "I"])
@@ -80,10 +83,11 @@ def test_the_symmetry_grid_on_cuda_in_float32_is_the_cpu_grid(sym):
 
 def test_the_auto_store_on_cuda_is_sized_by_the_gpu_memory(dataset, monkeypatch):
     star, _ = dataset
-    assert available_memory_bytes(torch.device("cuda")) == torch.cuda.mem_get_info()[0]
+    assert abs(available_memory_bytes(torch.device("cuda")) - torch.cuda.mem_get_info()[0]) < 2**30
     stack = ImageStack(read_particles(star))
     grid = FourierGrid.create(stack.box_px, PIXEL_A, None)
     store = ParticleStore(stack, grid, device=torch.device("cuda"))
     assert store.resident
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (store.nbytes, store.nbytes))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     assert not ParticleStore(stack, grid, device=torch.device("cuda")).resident

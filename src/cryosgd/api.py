@@ -281,7 +281,7 @@ def fsc(map_a: str | Path, map_b: str | Path, mask: str | Path | None = None) ->
 def hessian(star: str | Path, out_dir: str | Path, settings: HessianSettings = HessianSettings(), *,
             force: bool = False, pixel_A: float | None = None, device: str | None = None) -> HessianReport:
     """``cryosgd hessian``: the Hessian diagonal, its radial profile and κ(R) (docs/reproduction.md)."""
-    torch_device = dist.local_device(resolve_device(device))
+    torch_device = resolve_device(device)
     outputs = ("hessian_diagonal.mrc", "radial_profile.csv", "radial_profile.png", "kappa.csv", "kappa.png")
     with OutputFolder(out_dir, "hessian", outputs, [star], force):
         return analyse(star, out_dir, settings, pixel_A=pixel_A, device=torch_device)

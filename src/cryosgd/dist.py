@@ -40,14 +40,10 @@ def is_main() -> bool:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """On CUDA, each process on a machine takes the GPU of its LOCAL_RANK (unless one was named);
-    a GPU named by index becomes the current device, which NCCL and CUDA calls without a device
-    use. Call before :func:`init`."""
-    if device.type != "cuda":
-        return device
-    if device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """On CUDA, each process on a machine takes the GPU of its LOCAL_RANK (unless one was named),
+    made the current device before :func:`init` starts NCCL."""
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.index is not None:
         torch.cuda.set_device(device)
     return device
 

@@ -93,8 +93,9 @@ def available_memory_bytes(device=None) -> int:
     otherwise MemAvailable, capped by a cgroup limit."""
     import torch
 
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device is not None and torch.device(device).type == "cuda":  # free, and cached by torch but unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -114,7 +115,9 @@ def available_memory_bytes(device=None) -> int:
 
 
 def resolve_device(name: str | None):
-    """``--device`` → a usable ``torch.device``; one line listing the devices that exist if not."""
+    """``--device`` → a usable ``torch.device``; one line listing the devices that exist if not.
+    A GPU named by index (``cuda:1``) becomes the current device, which CUDA calls without a
+    device (a synchronize, a new context) use."""
     import torch
 
     if name is None:
@@ -128,6 +131,8 @@ def resolve_device(name: str | None):
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count and (device.index is None or device.index < count):
+            if device.index is not None:
+                torch.cuda.set_device(device)
             return device
     elif device.type == "mps" and torch.backends.mps.is_available():
         return device
