@@ -19,8 +19,8 @@ reference`` (after ``known``) the errors of local searches from the true poses a
 truth and against the known-pose half maps (``pose_error_reference.py``): the best a
 gold-standard refinement can reach on these data. ``--runs relion-local`` starts RELION's
 auto-refine at the true poses of the same ``--relion-particles`` (``relion_subset_true.star``),
-with local searches from its first iteration (3.75° sampled, RELION's default prior of twice the
-step), and lets it converge: what the reference program reaches on these data when the global
+with local searches from its first iteration (3.75° sampled, RELION's default prior, σ = 3.75°),
+and lets it converge: what the reference program reaches on these data when the global
 search cannot fail; ``subset-em`` is ``cryosgd refine`` from unknown poses and ``subset-local``
 ``cryosgd refine --local`` from the true poses, both on those particles with ``ref.mrc``. The table
 gives wall time, peak memory (all processes), the half-map resolution (FSC 0.143), the FSC of
